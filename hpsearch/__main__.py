@@ -1,0 +1,3 @@
+from hpsearch.cli import main
+
+main(prog_name="hpsearch")

@@ -1,0 +1,278 @@
+"""Datasets held in memory as tensors: found on disk, read from their real formats, split, batched.
+
+Images stay uint8 on the training device; each batch is an index slice that is converted to float,
+resized and normalised on the device (no DataLoader, no PIL), so small datasets cost one copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpsearch.registry import Registry
+
+ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
+ENV_CACHE = "HPSEARCH_CACHE"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataNotFound(Exception):
+    """No copy of a dataset could be found or fetched; the message names every option tried."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test tensors of one dataset.
+
+    Images are uint8 ``(N, C, H, W)``; regression inputs are float32 ``(N, F)``. ``num_outputs`` is
+    the number of classes, or the size of the regression target.
+    """
+
+    name: str
+    task: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_outputs: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int | None:
+        return int(self.train_x.shape[-1]) if self.train_x.dim() == 4 else None
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
+        )
+
+    def inputs(
+        self,
+        x: torch.Tensor,
+        resize: int | None = None,
+        flip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Turn a batch of stored examples into model inputs, on the batch's device."""
+        if x.dtype != torch.uint8:
+            return x
+        out = x.float().div_(255.0)
+        if resize and resize != out.shape[-1]:
+            out = F.interpolate(out, size=(resize, resize), mode="bilinear", align_corners=False)
+        if flip:
+            mask = torch.rand(out.shape[0], device=out.device, generator=generator) < 0.5
+            out = torch.where(mask[:, None, None, None], out.flip(-1), out)
+        mean = torch.tensor(self.mean, device=out.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=out.device).view(1, -1, 1, 1)
+        return out.sub_(mean).div_(std)
+
+
+DatasetLoader = Callable[[Path | None], Dataset]
+DATASETS: Registry[DatasetLoader] = Registry("dataset", fixed=("data_dir",))
+
+
+def cache_dir() -> Path:
+    """hpsearch's own data cache: ``$HPSEARCH_CACHE`` or ``~/.cache/hpsearch``."""
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "hpsearch")
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str | None = None, device: str = "cpu") -> Dataset:
+    """Load ``name`` once per process and device; trials of one worker share the tensors."""
+    root = data_dir or os.environ.get(ENV_DATA_DIR) or None
+    return DATASETS[name](Path(root) if root else None).to(device)
+
+
+def split(
+    n: int, val_fraction: float, seed: int, limit: int | None = None, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train/validation index split of the ``n`` training examples.
+
+    ``limit`` keeps a seeded random subset of that many examples first (quick studies); the
+    test set is never part of it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    if limit:
+        perm = perm[: min(limit, n)]
+    n_val = max(1, math.floor(len(perm) * val_fraction)) if val_fraction > 0 else 0
+    return perm[n_val:].to(device), perm[:n_val].to(device)
+
+
+# The real on-disk formats.
+
+_IDX_DTYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (the MNIST family's format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if arr.size != math.prod(shape):
+        raise ValueError(f"{path}: header says {shape} but holds {arr.size} values")
+    return torch.from_numpy(arr.reshape(shape).astype(arr.dtype.newbyteorder("="), copy=True))
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+_MNIST_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _mnist_family(
+    name: str,
+    tv_class: str,
+    data_dir: Path | None,
+    extra: tuple[Path, ...],
+    mean: float,
+    std: float,
+) -> Dataset:
+    """Find a MNIST-format dataset in the documented order and read it."""
+    folders = [d for d in (data_dir, cache_dir() / name, *extra) if d is not None]
+    looked: list[str] = []
+    for folder in folders:
+        for sub in (folder, folder / tv_class / "raw", folder / name):
+            files = [_find_idx(sub, s) for s in (*_MNIST_FILES, *_MNIST_TEST)]
+            if all(files):
+                xs, ys, tx, ty = (read_idx(f) for f in files if f)
+                return Dataset(
+                    name,
+                    "classification",
+                    xs.unsqueeze(1),
+                    ys.long(),
+                    tx.unsqueeze(1),
+                    ty.long(),
+                    10,
+                    (mean,),
+                    (std,),
+                )
+        looked.append(str(folder))
+    try:
+        import torchvision
+
+        target = cache_dir() / name
+        getattr(torchvision.datasets, tv_class)(str(target), train=True, download=True)
+        getattr(torchvision.datasets, tv_class)(str(target), train=False, download=True)
+        return _mnist_family(name, tv_class, None, (), mean, std)
+    except Exception as exc:  # network or mirror failures: report them with the other options
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    env = "set" if data_dir else "not set"
+    raise DataNotFound(
+        f"{name} not found: looked in {', '.join(looked)} (--data-dir/{ENV_DATA_DIR} {env}); "
+        f"download failed ({reason}). Put {_MNIST_FILES[0]}.gz and the other three files in a "
+        f"folder and pass --data-dir, or run with internet access"
+        + ("; on Debian: apt-get install dataset-fashion-mnist" if name == "fashion_mnist" else "")
+    )
+
+
+@DATASETS.register(task="classification", image_size=28)
+def fashion_mnist(data_dir: Path | None) -> Dataset:
+    """FashionMNIST, 28×28 grey clothing images, 10 classes (seed 004)."""
+    return _mnist_family("fashion_mnist", "FashionMNIST", data_dir, (DEBIAN_FASHION_MNIST,), 0.2860, 0.3530)
+
+
+@DATASETS.register(task="classification", image_size=28)
+def mnist(data_dir: Path | None) -> Dataset:
+    """MNIST, 28×28 grey handwritten digits, 10 classes (seeds 000, 002)."""
+    return _mnist_family("mnist", "MNIST", data_dir, (), 0.1307, 0.3081)
+
+
+def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(data.copy()), torch.tensor(batch[b"labels"], dtype=torch.long)
+
+
+@DATASETS.register(task="classification", image_size=32)
+def cifar10(data_dir: Path | None) -> Dataset:
+    """CIFAR-10, 32×32 colour images, 10 classes, from the python pickle batches (seed 001)."""
+    folders = [d for d in (data_dir, cache_dir() / "cifar10") if d is not None]
+    for folder in folders:
+        sub = folder / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        if all((sub / n).is_file() for n in names):
+            parts = [_read_cifar_batch(sub / n) for n in names]
+            return Dataset(
+                "cifar10", "classification",
+                torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]]),
+                parts[5][0], parts[5][1], 10,
+                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+            )  # fmt: skip
+    try:
+        import torchvision
+
+        target = cache_dir() / "cifar10"
+        torchvision.datasets.CIFAR10(str(target), train=True, download=True)
+        return cifar10(None)
+    except Exception as exc:  # network or mirror failures
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise DataNotFound(
+        f"cifar10 not found: looked for cifar-10-batches-py/ in {', '.join(map(str, folders))} "
+        f"(--data-dir/{ENV_DATA_DIR} {'set' if data_dir else 'not set'}); download failed "
+        f"({reason}). Unpack cifar-10-python.tar.gz into a folder and pass --data-dir"
+    )
+
+
+@DATASETS.register(task="regression")
+def toy_regression(data_dir: Path | None) -> Dataset:
+    """Seed 003's toy regression: 1000 points x in [-1, 1], y = x² + 0.1·N(0, 1)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.linspace(-1, 1, 1000).unsqueeze(1)
+    y = x.pow(2) + 0.1 * torch.randn(x.shape, generator=g)
+    tx = torch.rand(200, 1, generator=g) * 2 - 1
+    ty = tx.pow(2) + 0.1 * torch.randn(tx.shape, generator=g)
+    return Dataset("toy_regression", "regression", x, y, tx, ty, 1)
+
+
+@DATASETS.register(task="classification", image_size=28)
+def synthetic(data_dir: Path | None) -> Dataset:
+    """Small learnable 28×28 grey images, 10 classes, made on the fly: for tests and smoke runs."""
+    g = torch.Generator().manual_seed(0)
+    templates = torch.rand(10, 1, 28, 28, generator=g) * 255
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 10
+        noise = torch.randn(n, 1, 28, 28, generator=g) * 60
+        return (templates[y] + noise).clamp(0, 255).to(torch.uint8), y
+
+    (xs, ys), (tx, ty) = make(800), make(200)
+    return Dataset("synthetic", "classification", xs, ys, tx, ty, 10, (0.5,), (0.3,))
