@@ -114,8 +114,10 @@ def run(
     _best_summary(study)
 
 
-def _epoch_bar(number: int) -> Callable[[int, int, float], None]:
-    """A progress line per trial, redrawn after every epoch."""
+def _epoch_bar(number: int) -> Callable[[int, int, float], None] | None:
+    """A progress line per trial, redrawn after every epoch (on a terminal only)."""
+    if not sys.stderr.isatty():
+        return None
 
     def show(epoch: int, epochs: int, value: float) -> None:
         width = 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -29,6 +30,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     one must have been made from the same search space: a change is refused with a list of what
     changed, since Optuna cannot mix trials from different spaces in one study.
     """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, heartbeat=True)
     existing = {s.study_name for s in storage.get_all_studies()}
     if spec.name in existing:
@@ -122,9 +124,10 @@ def run_study(
     study = open_study(spec, storage_url)
     if n_trials is None:
         n_trials = max(0, (spec.n_trials or 0) - finished(study))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Trials left RUNNING by a killed worker would otherwise count as in progress forever.
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
     # Fail fast, before any trial, when the data cannot be found.
     load_dataset(spec.raw["data"]["name"], data_dir, str(dev))

@@ -158,7 +158,8 @@ def _train_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     order = idx[torch.randperm(len(idx), generator=g, device=device)]
     total = torch.zeros((), device=device)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
+    # torch.maximum propagates NaN, so one tensor tracks both blow-ups and non-finite losses.
+    worst = torch.zeros((), device=device)
     per_batch = steps_per_batch(scheduler)
     channels_last = device.type == "cuda" and data.train_x.dim() == 4
     n_batches = 0
@@ -174,15 +175,19 @@ def _train_epoch(
         loss = _step(model, optimizer, loss_fn, x, y, l1, params, device)
         loss = loss.detach().float()
         total += loss * len(batch)
-        bad |= ~torch.isfinite(loss) | (loss > max_loss)
+        worst = torch.maximum(worst, loss)
         n_batches += 1
         if per_batch:
             scheduler.step()
-        if n_batches % CHECK_EVERY == 0 and bool(bad):
-            raise Diverged(f"training loss {loss.item():.4g} at batch {n_batches}")
-    if bool(bad):
-        raise Diverged(f"training loss {loss.item():.4g} at batch {n_batches}")
+        if n_batches % CHECK_EVERY == 0:
+            _check(float(worst), max_loss, n_batches)
+    _check(float(worst), max_loss, n_batches)
     return float(total) / max(1, min(len(order), n_batches * bs))
+
+
+def _check(worst: float, max_loss: float, n_batches: int) -> None:
+    if not math.isfinite(worst) or worst > max_loss:
+        raise Diverged(f"training loss reached {worst:.4g} (limit {max_loss:.4g}) by batch {n_batches}")
 
 
 def _step(
