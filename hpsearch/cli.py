@@ -186,5 +186,30 @@ def list_() -> None:
         click.echo(f"  {path.stem:<20} {desc}".rstrip())
 
 
+@main.command()
+@storage_option
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 to share on the network).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@user_errors
+def dashboard(storage: str | None, host: str, port: int) -> None:
+    """Open optuna-dashboard on the studies' storage (the same one `run` uses).
+
+    Each study's file is shown as its note; figures from `hpsearch report` appear as artifacts.
+    Workers may keep writing while it runs. Example:
+
+    \b
+        hpsearch dashboard --port 8080   # then browse http://127.0.0.1:8080
+    """
+    from hpsearch.dashboard import serve
+
+    click.echo(f"dashboard on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    serve(storage, host=host, port=port)
+
+
 if __name__ == "__main__":
     main()
