@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 import optuna
 
-from hpsearch.datasets import DATASETS, DataNotFound
+from hpsearch.datasets import DATASETS, DataNotFound, load_dataset
 from hpsearch.models import MODELS
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS
 from hpsearch.registry import UnknownName
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.spec import SpecError, list_studies, load_spec
 from hpsearch.storage import ENV_STORAGE, StorageError
+from hpsearch.train import resolve_device
 
 # Errors of a user's making: shown as one line, never as a traceback.
 USER_ERRORS = (SpecError, StorageError, DataNotFound, UnknownName, FileNotFoundError, ValueError)
@@ -52,9 +54,14 @@ def main() -> None:
     \b
     hpsearch list                              what can be searched, and the bundled studies
     hpsearch run --study quickstart            run (or resume) a study
-    hpsearch export --study quickstart -o -    best configurations as a table
+    hpsearch export --study quickstart         best configurations as a CSV table
+    hpsearch best --study quickstart           the best trial as a study-file fragment
+    hpsearch report --study quickstart -o DIR  figures comparing the optimizers
     hpsearch dashboard                         browse studies in optuna-dashboard
     """
+    # Optuna flags features such as the heartbeat and grouped TPE as experimental on every use;
+    # they are deliberate choices here, so the warnings are only noise for a user.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @main.command()
@@ -98,13 +105,20 @@ def run(
     \b
         hpsearch run --study lenet-fashion --n-trials 20 --device cuda
     """
-    from hpsearch.study import run_study
+    from hpsearch.study import finished, open_study, run_study
 
     spec = load_spec(study_name)
+    # Device and data are checked first, so a mistake there leaves no empty study behind.
+    dev = resolve_device(device)
+    load_dataset(spec.raw["data"]["name"], data_dir, str(dev))
+    study = open_study(spec, storage)
+    done = finished(study)
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
+    if done:
+        click.echo(f"resuming: {done} finished trials stored", err=True)
     try:
         study = run_study(
-            spec, storage, n_trials=n_trials, timeout=timeout, device=device,
+            spec, study, n_trials=n_trials, timeout=timeout, device=device,
             data_dir=data_dir, progress=_epoch_bar, on_trial=_trial_line,
         )  # fmt: skip
     except KeyboardInterrupt:
@@ -176,14 +190,14 @@ def list_() -> None:
                             ("samplers", SAMPLERS), ("pruners", PRUNERS)):  # fmt: skip
         click.echo(f"{title}:")
         for name in registry.names():
-            click.echo(f"  {name:<20} {registry.doc(name)}".rstrip())
+            click.echo(f"  {name:<22} {registry.doc(name)}".rstrip())
     click.echo("studies:")
     for path in list_studies():
         try:
             desc = load_spec(path).description
         except SpecError as exc:
             desc = f"(invalid: {exc})"
-        click.echo(f"  {path.stem:<20} {desc}".rstrip())
+        click.echo(f"  {path.stem:<22} {desc}".rstrip())
 
 
 @main.command()
@@ -209,6 +223,118 @@ def dashboard(storage: str | None, host: str, port: int) -> None:
 
     click.echo(f"dashboard on http://{host}:{port} (Ctrl-C to stop)", err=True)
     serve(storage, host=host, port=port)
+
+
+@main.command()
+@study_option
+@storage_option
+@click.option("-o", "--output", "out_dir", required=True, metavar="DIR",
+              type=click.Path(file_okay=False, writable=True),
+              help="Folder for the figures and report.md (created if missing).")  # fmt: skip
+@user_errors
+def report(study_name: str, storage: str | None, out_dir: str) -> None:
+    """Write figures comparing the optimizers, and report.md, for a stored study.
+
+    Learning curves, final validation metric against learning rate, optimization history and
+    parameter importances, as PNGs; they are also attached to the study as artifacts, so the
+    dashboard shows them. Re-running replaces them. Example:
+
+    \b
+        hpsearch report --study quickstart -o reports/quickstart
+    """
+    from pathlib import Path
+
+    from hpsearch.report import load_study, make_report
+    from hpsearch.storage import open_artifacts
+
+    study = load_study(study_name, storage)
+    for path in make_report(study, Path(out_dir), open_artifacts(storage)):
+        click.echo(str(path))
+    click.echo(f"attached to study {study.study_name} as artifacts", err=True)
+
+
+@main.command()
+@click.option("--study", "studies", multiple=True, metavar="NAME",
+              help="Stored study name; repeat for several (a study file path means its name).")  # fmt: skip
+@click.option("--all-studies", is_flag=True, help="Every study in the storage.")
+@storage_option
+@click.option("-o", "--output", default="-", show_default=True, metavar="FILE",
+              help="File to write (atomically); - is stdout.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["csv", "md", "json"]), default=None,
+              help="Table format (default: from the output's extension, else csv).")  # fmt: skip
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Only the K best trials.")
+@click.option("--best-per", metavar="PARAM", default=None,
+              help="The best trial per value of PARAM, e.g. optimizer.name or data.batch_size.")  # fmt: skip
+@click.option("--trials", "every_trial", is_flag=True,
+              help="Every trial, pruned and failed ones too, with why it stopped.")  # fmt: skip
+@user_errors
+def export(
+    studies: tuple[str, ...],
+    all_studies: bool,
+    storage: str | None,
+    output: str,
+    fmt: str | None,
+    top: int | None,
+    best_per: str | None,
+    every_trial: bool,
+) -> None:
+    """Export a study's best configurations as a CSV, Markdown or JSON table.
+
+    One study: its completed trials, best first, with optimizer, lr, momentum, weight decay,
+    batch size, scheduler, epochs, validation and test metric, final training loss, run time and
+    throughput, then every sampled parameter. Several studies: one row per study with its best
+    trial. Examples:
+
+    \b
+        hpsearch export --study quickstart --top 5 -o best.csv
+        hpsearch export --study quickstart --best-per optimizer.name --format md
+        hpsearch export --study quickstart --trials -o trials.json
+        hpsearch export --all-studies -o studies.md
+    """
+    from pathlib import Path
+
+    from hpsearch.export import best_per as best_per_table
+    from hpsearch.export import best_table, load_studies, studies_table, trials_table, write_table
+
+    if bool(studies) == all_studies:
+        raise click.UsageError("give either --study NAME (repeatable) or --all-studies")
+    several = all_studies or len(studies) > 1
+    if several and (top or best_per or every_trial):
+        raise click.UsageError("--top, --best-per and --trials take a single --study")
+    if every_trial and (top or best_per):
+        raise click.UsageError("--trials lists every trial; it takes no --top or --best-per")
+    found = load_studies(storage, None if all_studies else studies)
+    if several:
+        table = studies_table(found)
+    elif every_trial:
+        table = trials_table(found[0])
+    elif best_per:
+        table = best_per_table(found[0], best_per).head(top)
+    else:
+        table = best_table(found[0], top)
+    suffixes = {".md": "md", ".markdown": "md", ".json": "json"}
+    write_table(table, output, fmt or suffixes.get(Path(output).suffix.lower(), "csv"))
+    if output != "-":
+        click.echo(f"wrote {len(table)} rows to {output}", err=True)
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, metavar="NAME", help="Stored study name.")
+@storage_option
+@user_errors
+def best(study_name: str, storage: str | None) -> None:
+    """Print the best trial's configuration as a study file, every value fixed.
+
+    The [data], [model], [optimizer], [scheduler] and [train] sections of the best completed trial,
+    with no search tables: train it again, or longer, as a study of its own. Example:
+
+    \b
+        hpsearch best --study quickstart > quickstart-best.toml
+        hpsearch run --study quickstart-best.toml --n-trials 1
+    """
+    from hpsearch.export import best_toml, load_studies
+
+    click.echo(best_toml(load_studies(storage, [study_name])[0]), nl=False)
 
 
 if __name__ == "__main__":

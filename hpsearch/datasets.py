@@ -11,6 +11,7 @@ import gzip
 import math
 import os
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,9 +83,15 @@ class Dataset:
         if flip:
             mask = torch.rand(out.shape[0], device=out.device, generator=generator) < 0.5
             out = torch.where(mask[:, None, None, None], out.flip(-1), out)
-        mean = torch.tensor(self.mean, device=out.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=out.device).view(1, -1, 1, 1)
+        mean, std = _stats(self.mean, self.std, str(out.device))
         return out.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel normalisation tensors, made once per device rather than once per batch."""
+    shape = (1, -1, 1, 1)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
 DatasetLoader = Callable[[Path | None], Dataset]
@@ -134,11 +141,16 @@ _IDX_DTYPES: dict[int, Any] = {
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (the MNIST family's format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut-off download, say
+        raise ValueError(f"{path} is truncated or not gzip data: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if arr.size != math.prod(shape):

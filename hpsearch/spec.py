@@ -44,6 +44,8 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
 _MODEL_DEFAULTS: dict[str, Any] = {"init": "default", "init_value": 0.0}
 # Keys that change what a stored trial means; the rest of [study] only says how long to search.
 _RUN_ONLY = {"n_trials", "timeout", "description"}
+# Keys that count things: a float there (batch_size = 1.5) is a mistake, not a value to round.
+_COUNTS = {"batch_size", "epochs", "train_limit", "test_limit", "eval_batch_size"}
 SEARCH_KEYS = {"low", "high", "log", "step", "choices"}
 Config = dict[str, dict[str, Any]]
 
@@ -203,7 +205,15 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     _Validator(path).check(raw)
-    return StudySpec(path.stem, path, source, raw)
+    spec = StudySpec(path.stem, path, source, raw)
+    # Building them once here turns the last argument mistakes (a threshold pruner with neither
+    # bound, say) into load-time errors instead of failures when the study starts.
+    for key, build in (("sampler", spec.sampler), ("pruner", spec.pruner)):
+        try:
+            build()
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{path}: study.{key}: {exc}") from None
+    return spec
 
 
 class _Validator:
@@ -276,6 +286,10 @@ class _Validator:
                     f"{where}.{key}",
                     f"not an argument of {registry.kind} {name}; valid: {', '.join(valid)}",
                 )
+        required = [k for k, p in registry.params(name).items() if p.default is p.empty and k not in table]
+        if required:
+            raise self.fail(f"{where}.{required[0]}", f"missing; {registry.kind} {name} requires "
+                            f"{', '.join(required)}")  # fmt: skip
 
     def check_section(
         self,
@@ -312,7 +326,7 @@ class _Validator:
                     raise self.fail(where, f"a table for {key!r}, which {section}.name does not offer"
                                     f" (offered: {', '.join(map(str, names))})")  # fmt: skip
                 for sub, v in value.items():
-                    self.check_key(f"{section}.{key}.{sub}", sub, v, {key}, registry, keys_of, defaults)
+                    self.check_key(f"{section}.{key}.{sub}", sub, v, [key], registry, keys_of, defaults)
                 continue
             missing = [n for n in names if key not in keys_of(n)]
             if missing:
@@ -322,24 +336,29 @@ class _Validator:
                 )
                 raise self.fail(where, f"unknown key for {', '.join(map(str, missing))}; valid: "
                                 f"{', '.join(valid)}{hint}")  # fmt: skip
-            self.check_key(where, key, value, set(names), registry, keys_of, defaults)
+            self.check_key(where, key, value, names, registry, keys_of, defaults)
 
-    def check_key(self, where: str, key: str, value: Any, names: set[str],
+    def check_key(self, where: str, key: str, value: Any, names: list[Any],
                   registry: Registry[Any] | None, keys_of: Any,
                   defaults: dict[str, Any] | None) -> None:  # fmt: skip
-        if registry is not None and key not in keys_of(next(iter(names))):
-            raise self.fail(where, f"unknown key; valid: {', '.join(sorted(keys_of(next(iter(names)))))}")
+        if registry is not None and key not in keys_of(names[0]):
+            raise self.fail(where, f"unknown key; valid: {', '.join(sorted(keys_of(names[0])))}")
         default = (defaults or {}).get(key, _MODEL_DEFAULTS.get(key))
-        if default is None and registry is not None and key in registry.params(next(iter(names))):
-            default = registry.params(next(iter(names)))[key].default
+        if default is None and registry is not None and key in registry.params(names[0]):
+            default = registry.params(names[0])[key].default
         if is_search(value):
             self.check_search(where, value, default)
-            return
-        if isinstance(value, dict):
+            given = value.get("choices") or [value[k] for k in ("low", "high", "step") if k in value]
+        elif isinstance(value, dict):
             raise self.fail(where, "a table must be {low, high[, log, step]} or {choices = [...]}")
-        self.check_value(where, value, default)
-        if key == "init" and value not in INITS:
-            raise self.fail(where, f"unknown init {value!r}; valid: {', '.join(INITS)}")
+        else:
+            self.check_value(where, value, default)
+            given = [value]
+        if key in _COUNTS and not all(isinstance(v, int) for v in given):
+            raise self.fail(where, f"{key} counts things and must be an integer, not {value!r}")
+        for v in given if key == "init" else ():
+            if v not in INITS:
+                raise self.fail(where, f"unknown init {v!r}; valid: {', '.join(INITS)}")
 
     def check_value(self, where: str, value: Any, default: Any) -> None:
         if isinstance(default, bool):
@@ -398,7 +417,13 @@ class _Validator:
             metric = "validation accuracy" if dtask == "classification" else "validation MSE"
             raise self.fail("study.direction", f"the metric is {metric}; direction must be {expected!r}")
         name = raw["model"]["name"]
-        size = data.get("resize") or DATASETS.meta[data["name"]].get("image_size")
+        native = DATASETS.meta[data["name"]].get("image_size")
+        resize = data.get("resize")
+        sizes = (
+            [r or native for r in resize["choices"]]
+            if is_search(resize) and "choices" in resize
+            else [resize or native]
+        )
         for m in name["choices"] if is_search(name) else [name]:
             if model_task(m) != dtask:
                 raise self.fail(
@@ -406,7 +431,8 @@ class _Validator:
                     f"{m} is a {model_task(m)} model but {data['name']} is a {dtask} dataset",
                 )
             need = input_size(m)
-            if need and isinstance(size, int) and size != need:
+            size = next((z for z in sizes if isinstance(z, int) and z != need), None)
+            if need and size is not None:
                 raise self.fail(
                     "data.resize",
                     f"model {m} needs {need}×{need} input but the data is {size}×{size}; "

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from hpsearch.datasets import load_dataset
 from hpsearch.spec import SpecError, StudySpec
@@ -95,13 +96,12 @@ def _show(value: Any) -> str:
 
 def finished(study: optuna.Study) -> int:
     """Trials that count towards the study's ``n_trials``: complete and pruned ones."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def run_study(
     spec: StudySpec,
-    storage_url: str | None = None,
+    study: optuna.Study,
     *,
     n_trials: int | None = None,
     timeout: float | None = None,
@@ -110,7 +110,7 @@ def run_study(
     progress: Callable[[int], Progress | None] | None = None,
     on_trial: TrialDone | None = None,
 ) -> optuna.Study:
-    """Run trials of ``spec`` into its study.
+    """Run trials of ``spec`` into ``study`` (from ``open_study``).
 
     ``n_trials`` runs that many more trials; without it the study is filled up to the file's
     ``n_trials``, so rerunning an interrupted study finishes it. ``progress(trial_number)`` may
@@ -121,7 +121,7 @@ def run_study(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    study = open_study(spec, storage_url)
+    fill_up = n_trials is None
     if n_trials is None:
         n_trials = max(0, (spec.n_trials or 0) - finished(study))
     # Trials left RUNNING by a killed worker would otherwise count as in progress forever.
@@ -139,11 +139,15 @@ def run_study(
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
             raise
 
+    callbacks = [on_trial] if on_trial else []
+    if fill_up and spec.n_trials:
+        # Workers sharing the study stop once finished plus in-flight trials reach the target.
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        callbacks.append(optuna.study.MaxTrialsCallback(spec.n_trials, states=states))
     if n_trials > 0:
         study.optimize(
             objective, n_trials=n_trials,
             timeout=timeout if timeout is not None else spec.study.get("timeout"),
-            callbacks=[on_trial] if on_trial else None,
-            catch=(RuntimeError, ValueError, TypeError),
+            callbacks=callbacks, catch=(RuntimeError, ValueError, TypeError),
         )  # fmt: skip
     return study

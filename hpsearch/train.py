@@ -92,10 +92,10 @@ def run_trial(
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         try:
-            loss = _train_epoch(model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g,
+            loss = train_epoch(model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g,
                                 device, max_loss)  # fmt: skip
         except Diverged as exc:
-            _finish(trial, history, start, seen, train_time, epoch, f"diverged in epoch {epoch}: {exc}")
+            _finish(trial, history, start, seen, train_time, epoch - 1, f"diverged in epoch {epoch}: {exc}")
             raise optuna.TrialPruned(f"diverged: {exc}") from None
         seen += len(train_idx)
         train_time += time.perf_counter() - t0
@@ -139,7 +139,7 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def _train_epoch(
+def train_epoch(
     model: nn.Module,
     data: Dataset,
     idx: torch.Tensor,

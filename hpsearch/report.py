@@ -1,0 +1,325 @@
+"""The study report: figures that compare optimizers, a Markdown summary, attached as Optuna artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import optuna
+import sqlalchemy
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch.storage import open_storage, resolve_url
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+REPORT_ATTR = "report_artifacts"
+DPI = 120
+_ARTIFACT_PREFIX = "artifacts:"
+
+
+class ReportError(ValueError):
+    """No report can be made: unknown study, missing storage, or no trial that finished an epoch."""
+
+
+@dataclass
+class _Run:
+    """A complete or pruned trial that finished at least one epoch."""
+
+    trial: FrozenTrial
+    optimizer: str
+    lr: float | None
+    val: list[float]
+    loss: list[float]
+
+    @property
+    def complete(self) -> bool:
+        return self.trial.state == TrialState.COMPLETE
+
+    def label(self) -> str:
+        lr = f" lr={self.lr:.3g}" if self.lr is not None else ""
+        return f"{self.optimizer}{lr}" + ("" if self.complete else " (pruned)")
+
+
+def load_study(name_or_path: str, storage_url: str | None = None) -> optuna.Study:
+    """The stored study named ``name_or_path`` (a study file path stands for its stem)."""
+    name = Path(name_or_path).stem if name_or_path.endswith(".toml") else name_or_path
+    url = resolve_url(storage_url)
+    if url.startswith("sqlite"):
+        db = sqlalchemy.engine.make_url(url).database
+        # open_storage would create an empty database; a report of a missing file is a typo.
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise ReportError(f"no storage file {db}; pass --storage or set $HPSEARCH_STORAGE")
+    storage = open_storage(url)
+    names = sorted(s.study_name for s in storage.get_all_studies())
+    if name not in names:
+        raise ReportError(f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def make_report(
+    study: optuna.Study, out_dir: Path, artifact_store: ArtifactStore | None = None
+) -> list[Path]:
+    """Write the figures and ``report.md`` into ``out_dir``; attach them to the study as artifacts.
+
+    Returns the written files. Re-running overwrites the files and the study's previous report
+    artifacts in place (their ids are kept in the study user attr ``report_artifacts``).
+    """
+    metric = "accuracy" if study.user_attrs.get("metric", "accuracy") == "accuracy" else "MSE"
+    key = "val_acc" if metric == "accuracy" else "val_mse"
+    runs = [r for t in study.get_trials(deepcopy=False) if (r := _run(t, key)) is not None]
+    if not runs:
+        raise ReportError(f"study {study.study_name!r} has no trial that finished an epoch yet")
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    best: dict[str, _Run] = {}
+    for r in runs:
+        old = best.get(r.optimizer)
+        if old is None or (r.complete, sign * r.val[-1]) > (old.complete, sign * old.val[-1]):
+            best[r.optimizer] = r
+    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted(best))}
+    ylabel = f"validation {metric} " + ("(fraction correct)" if metric == "accuracy" else "(lower is better)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, tuple[str, Figure | str]] = {
+        "learning_curves.png": ("Learning curves", _curves(best, colors, ylabel, metric)),
+        "accuracy_vs_lr.png": (f"Final validation {metric} against learning rate",
+                               _vs_lr(runs, colors, ylabel, metric)),
+        "history.png": ("Optimization history", _history(study, runs, sign, ylabel)),
+        "importances.png": ("Parameter importances", _importances(study)),
+    }  # fmt: skip
+    written, sections = [], []
+    for filename, (title, fig) in figures.items():
+        if isinstance(fig, str):
+            sections.append(f"## {title}\n\nNot drawn: {fig}.\n")
+            continue
+        _save(out_dir / filename, fig)
+        written.append(out_dir / filename)
+        sections.append(f"## {title}\n\n![{title}]({filename})\n")
+    md = _markdown(study, runs, best, metric, sections)
+    _write_text(out_dir / "report.md", md)
+    written.append(out_dir / "report.md")
+    if artifact_store is not None:
+        attach(study, written, artifact_store)
+    return written
+
+
+def _run(t: FrozenTrial, key: str) -> _Run | None:
+    val = t.user_attrs.get(key) or []
+    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not val:
+        return None
+    opt = t.user_attrs.get("config", {}).get("optimizer", {})
+    lr = opt.get("lr")
+    loss = [float(v) for v in t.user_attrs.get("train_loss") or []]
+    return _Run(
+        t, str(opt.get("name", "?")), None if lr is None else float(lr), [float(v) for v in val], loss
+    )
+
+
+def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _curves(best: dict[str, _Run], colors: dict[str, str], ylabel: str, metric: str) -> Figure:
+    fig = _figure(11.0, 5.0)
+    acc, loss = fig.subplots(1, 2)
+    for name, r in sorted(best.items()):
+        acc.plot(range(1, len(r.val) + 1), r.val, "o-", color=colors[name], label=r.label())
+        loss.plot(range(1, len(r.loss) + 1), r.loss, "o-", color=colors[name], label=r.label())
+    acc.set(title=f"Validation {metric}", xlabel="epoch", ylabel=ylabel)
+    loss_name = "cross-entropy" if metric == "accuracy" else "mean squared error"
+    losses = [v for r in best.values() for v in r.loss]
+    # A log axis only pays off over a decade or more; below that its tick labels get cryptic.
+    log = bool(losses) and min(losses) > 0 and max(losses) / min(losses) >= 10
+    loss.set(title="Training loss", xlabel="epoch",
+             ylabel=f"training loss ({loss_name}{', log scale' if log else ''})")  # fmt: skip
+    if log:
+        loss.set_yscale("log")
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(title="best trial per optimizer", fontsize="small")
+    fig.suptitle("Learning curves of the best trial of each optimizer")
+    return fig
+
+
+def _vs_lr(runs: list[_Run], colors: dict[str, str], ylabel: str, metric: str) -> Figure | str:
+    with_lr = [r for r in runs if r.lr is not None and r.lr > 0]
+    if not with_lr:
+        return "no trial has a learning rate in its optimizer config"
+    fig = _figure()
+    ax = fig.subplots()
+    for name in sorted(colors):
+        for complete, marker, state in ((True, "o", "complete"), (False, "X", "pruned")):
+            pts = [(r.lr, r.val[-1]) for r in with_lr if r.optimizer == name and r.complete == complete]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(
+                    xs, ys, s=60, marker=marker, color=colors[name], alpha=0.8, label=f"{name}, {state}"
+                )
+    ax.set_xscale("log")
+    ax.set(title=f"Final validation {metric} against learning rate",
+           xlabel="learning rate (log scale)", ylabel=f"final {ylabel}")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="optimizer, trial state", fontsize="small")
+    return fig
+
+
+def _history(study: optuna.Study, runs: list[_Run], sign: float, ylabel: str) -> Figure:
+    fig = _figure()
+    ax = fig.subplots()
+    done = sorted((r for r in runs if r.complete), key=lambda r: r.trial.number)
+    pruned = [r for r in runs if not r.complete]
+    shown = {r.trial.number for r in runs}
+    ended = [t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    lost = [n for n in ended if n not in shown]
+    if done:
+        ax.scatter([r.trial.number for r in done], [r.val[-1] for r in done], color="C0", label="complete")
+        so_far = list(accumulate((r.val[-1] for r in done), max if sign > 0 else min))
+        # Carried on to the last trial, so a lone complete trial still shows a line.
+        xs = [r.trial.number for r in done] + [max(ended)]
+        ax.step(xs, [*so_far, so_far[-1]], where="post", color="C3", label="best so far")
+    if pruned:
+        ax.scatter([r.trial.number for r in pruned], [r.val[-1] for r in pruned], marker="x",
+                   color="grey", label="pruned (last epoch reached)")  # fmt: skip
+    if lost:
+        where = ax.get_xaxis_transform()  # x in data, y in axes units: a tick along the bottom
+        lost_label = "no epoch finished (diverged or failed)"
+        ax.scatter(lost, [0.04] * len(lost), marker="|", s=300, color="C1", transform=where, label=lost_label)
+    ax.set_xlim(min(ended) - 0.5, max(ended) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title="Optimization history", xlabel="trial number", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _importances(study: optuna.Study) -> Figure | str:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return f"parameter importances need at least 2 complete trials; this study has {len(complete)}"
+    if not any(t.params for t in complete):
+        return "the study searches no parameter"
+    # PED-ANOVA, Optuna's default, is deterministic and needs no scikit-learn (fANOVA does). Raw
+    # scores, since normalizing all-zero ones would draw a misleading tie.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), normalize=False
+            )
+    except (ValueError, RuntimeError) as exc:
+        return f"parameter importances could not be computed ({exc})"
+    total = sum(raw.values())
+    if not total > 0:
+        return (
+            f"the {len(complete)} complete trials are too few or too alike for PED-ANOVA to tell the "
+            "parameters apart"
+        )
+    imp = {k: v / total for k, v in raw.items()}
+    fig = _figure()
+    ax = fig.subplots()
+    names = sorted(imp, key=lambda n: (imp[n], n))  # barh draws bottom-up: the largest on top
+    ax.barh(names, [imp[n] for n in names], color="C0")
+    for i, n in enumerate(names):
+        ax.text(imp[n], i, f" {imp[n]:.3f}", va="center")
+    ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
+    ax.set(title=f"Parameter importances (PED-ANOVA, {len(complete)} complete trials)",
+           xlabel="importance (normalized, sums to 1)", ylabel="parameter")  # fmt: skip
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def _markdown(study: optuna.Study, runs: list[_Run], best: dict[str, _Run], metric: str,
+              sections: list[str]) -> str:  # fmt: skip
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    diverged = sum(str(t.user_attrs.get("stop_reason", "")).startswith("diverged") for t in trials)
+    line = (
+        f"{len(trials)} trials: {count[TrialState.COMPLETE]} complete, "
+        f"{count[TrialState.PRUNED]} pruned ({diverged} diverged), {count[TrialState.FAIL]} failed"
+    )
+    if count[TrialState.RUNNING]:
+        line += f", {count[TrialState.RUNNING]} running"
+    if count[TrialState.COMPLETE]:
+        top = study.best_trial
+        line += f"; best validation {metric} {top.value:.4f} (trial {top.number})."
+    else:
+        line += "; no complete trial yet."
+    test = "test_acc" if metric == "accuracy" else "test_mse"
+    rows = [f"| optimizer | lr | val {metric} | test {metric} | epochs | run time (s) | trial |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in sorted(best.items()):
+        if not r.complete:
+            continue
+        a = r.trial.user_attrs
+        lr = f"{r.lr:.4g}" if r.lr is not None else "default"
+        t = f"{a[test]:.4f}" if isinstance(a.get(test), (int, float)) else "–"
+        rows.append(f"| {name} | {lr} | {r.val[-1]:.4f} | {t} | {a.get('epochs_run', len(r.val))} | "
+                    f"{float(a.get('run_time_s', 0.0)):.1f} | {r.trial.number} |")  # fmt: skip
+    no_complete = sorted(n for n, r in best.items() if not r.complete)
+    if no_complete:
+        rows.append(f"\nNo complete trial for: {', '.join(no_complete)} (their best pruned trial is in the "
+                    "learning curves).")  # fmt: skip
+    desc = str(study.user_attrs.get("description", "")).strip()
+    head = [f"# Report: {study.study_name}", desc, line, "## Best trial per optimizer", "\n".join(rows)]
+    return "\n\n".join(p for p in head if p) + "\n\n" + "\n".join(sections)
+
+
+def _save(path: Path, fig: Figure) -> None:
+    _replace(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+
+
+def _write_text(path: Path, text: str) -> None:
+    _replace(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write beside ``path`` and rename over it, so no reader sees half a file."""
+    # Not mkstemp: its 0600 mode would stick to the report files.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def attach(study: optuna.Study, files: list[Path], store: ArtifactStore) -> dict[str, str]:
+    """Attach ``files`` to ``study`` as artifacts, reusing this report's earlier artifact ids.
+
+    Optuna has no call to delete an artifact's record: optuna-dashboard marks deleted ones with a
+    ``null`` record, which ``optuna.artifacts.get_all_artifact_meta`` then fails on. So a re-run
+    writes new content under the old id instead of deleting and uploading. Returns name → id.
+    """
+    # Read the records directly so that null (dashboard-deleted) records are skipped, not fatal.
+    live: dict[str, str] = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        meta = json.loads(value) if key.startswith(_ARTIFACT_PREFIX) else None
+        if isinstance(meta, dict):
+            live[key[len(_ARTIFACT_PREFIX) :]] = str(meta.get("filename"))
+    previous = study.user_attrs.get(REPORT_ATTR)
+    ids: dict[str, str] = dict(previous) if isinstance(previous, dict) else {}
+    for path in files:
+        old = ids.get(path.name)
+        if old is not None and live.get(old) == path.name:
+            with path.open("rb") as f:
+                store.write(old, f)
+        else:
+            ids[path.name] = optuna.artifacts.upload_artifact(
+                artifact_store=store, file_path=str(path), study_or_trial=study
+            )
+    study.set_user_attr(REPORT_ATTR, ids)
+    return ids

@@ -1,0 +1,211 @@
+"""``hpsearch report`` on real stored studies: files, figures, the table and the attached artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner, Result
+from conftest import StoredStudy, run_cli, write_study
+from optuna.trial import TrialState
+
+from hpsearch.cli import main
+from hpsearch.report import REPORT_ATTR
+from hpsearch.storage import open_artifacts
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("learning_curves.png", "accuracy_vs_lr.png", "history.png", "importances.png")
+
+# Every trial completes and the learning rate is a per-optimizer parameter (optimizer.sgd.lr),
+# so the importances figure is drawn and the table's lr must come from the merged config.
+CONDITIONAL_STUDY = """
+[study]
+description = "conditional lr per optimizer, no pruning"
+n_trials = 6
+seed = 0
+sampler = "random"
+pruner = "none"
+
+[data]
+name = "synthetic"
+batch_size = 64
+
+[model]
+name = "mnist_cnn"
+
+[optimizer]
+name = { choices = ["sgd", "adam"] }
+
+[optimizer.sgd]
+lr = { low = 0.001, high = 0.1, log = true }
+momentum = { low = 0.0, high = 0.9 }
+
+[optimizer.adam]
+lr = { low = 0.0001, high = 0.003, log = true }
+
+[train]
+epochs = 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _default_artifact_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HPSEARCH_ARTIFACTS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def conditional_study(tmp_path_factory: pytest.TempPathFactory) -> StoredStudy:
+    folder = tmp_path_factory.mktemp("conditional-study")
+    path = write_study(folder, "conditional", CONDITIONAL_STUDY)
+    storage = f"sqlite:///{folder / 'hpsearch.db'}"
+    run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu")
+    return StoredStudy("conditional", path, storage)
+
+
+def report(stored: StoredStudy, out: Path) -> list[Path]:
+    """Run ``hpsearch report``; the written files it lists on stdout."""
+    result = invoke("report", "--study", stored.name, "--storage", stored.storage, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    return [Path(line) for line in result.stdout.splitlines()]
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), path
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= 600 and height >= 400, (path, pixels.shape)
+    colours = np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)
+    assert len(colours) > 50, f"{path.name} looks blank: {len(colours)} colours"
+
+
+def final_val(trial: optuna.trial.FrozenTrial) -> float:
+    return float(trial.user_attrs["val_acc"][-1])
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    """The best-per-optimizer table of report.md, optimizer → cells."""
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| optimizer")]
+    return {cells[0]: cells for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+
+
+def best_complete(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    best: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        name = t.user_attrs["config"]["optimizer"]["name"]
+        if name not in best or final_val(t) > final_val(best[name]):
+            best[name] = t
+    return best
+
+
+def test_report_writes_readable_figures_and_markdown(synthetic_study: StoredStudy, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "folder"
+    written = report(synthetic_study, out)
+    study = synthetic_study.load()
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    expected = [f for f in FIGURES if f != "importances.png" or len(complete) >= 2]
+    assert sorted(p.name for p in written) == sorted([*expected, "report.md"])
+    assert all(p.is_file() for p in written)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written), "temp files left"
+    for name in expected:
+        check_png(out / name)
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.startswith(f"# Report: {synthetic_study.name}\n")
+    assert study.user_attrs["description"] in md
+    for name in expected:
+        assert f"]({name})" in md
+    if "importances.png" not in expected:
+        assert "need at least 2 complete trials" in md
+    counts = {s: sum(t.state == s for t in study.trials) for s in (TrialState.COMPLETE, TrialState.PRUNED)}
+    assert f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned" in md
+    assert f"best validation accuracy {study.best_value:.4f} (trial {study.best_trial.number})" in md
+
+    rows = table_rows(md)
+    best = best_complete(study)
+    assert sorted(rows) == sorted(best)
+    for name, trial in best.items():
+        cfg = trial.user_attrs["config"]["optimizer"]
+        assert rows[name] == [
+            name,
+            f"{cfg['lr']:.4g}",
+            f"{final_val(trial):.4f}",
+            f"{trial.user_attrs['test_acc']:.4f}",
+            str(trial.user_attrs["epochs_run"]),
+            f"{trial.user_attrs['run_time_s']:.1f}",
+            str(trial.number),
+        ]
+
+
+def test_report_attaches_artifacts_once(synthetic_study: StoredStudy, tmp_path: Path) -> None:
+    store = open_artifacts(synthetic_study.storage)
+    for run in ("first", "second"):
+        written = report(synthetic_study, tmp_path / run)
+        study = synthetic_study.load()
+        metas = optuna.artifacts.get_all_artifact_meta(study)
+        names = [m.filename for m in metas]
+        assert sorted(names) == sorted(p.name for p in written), f"{run} run: {names}"
+        ids = study.user_attrs[REPORT_ATTR]
+        assert {m.filename: m.artifact_id for m in metas} == ids
+        for meta in metas:
+            got = tmp_path / f"{run}-{meta.artifact_id}"
+            optuna.artifacts.download_artifact(
+                artifact_store=store, artifact_id=meta.artifact_id, file_path=str(got)
+            )
+            assert got.read_bytes() == (tmp_path / run / meta.filename).read_bytes(), meta.filename
+        assert {m.mimetype for m in metas if m.filename.endswith(".png")} == {"image/png"}
+
+
+def test_report_draws_importances_and_reads_conditional_lr(
+    conditional_study: StoredStudy, tmp_path: Path
+) -> None:
+    written = report(conditional_study, tmp_path)
+    assert sorted(p.name for p in written) == sorted([*FIGURES, "report.md"])
+    for name in FIGURES:
+        check_png(tmp_path / name)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    study = conditional_study.load()
+    rows = table_rows(md)
+    best = best_complete(study)
+    assert sorted(rows) == ["adam", "sgd"] == sorted(best)
+    for name, trial in best.items():
+        assert rows[name][1] == f"{trial.params[f'optimizer.{name}.lr']:.4g}"
+        assert rows[name][2] == f"{final_val(trial):.4f}"
+        assert rows[name][6] == str(trial.number)
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_unknown_study_is_one_line(synthetic_study: StoredStudy, tmp_path: Path) -> None:
+    result = invoke("report", "--study", "nope", "--storage", synthetic_study.storage, "-o", str(tmp_path))
+    line = one_line_error(result)
+    assert "no study 'nope'" in line and synthetic_study.name in line
+
+
+def test_missing_storage_file_is_one_line_and_not_created(tmp_path: Path) -> None:
+    db = tmp_path / "typo.db"
+    result = invoke("report", "--study", "x", "--storage", f"sqlite:///{db}", "-o", str(tmp_path / "out"))
+    assert "no storage file" in one_line_error(result)
+    assert not db.exists()
+
+
+def test_study_without_finished_epoch_is_one_line(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = optuna.create_study(study_name="empty", storage=storage, direction="maximize")
+    study.set_user_attr("metric", "accuracy")
+    study.enqueue_trial({})  # a waiting trial: not finished
+    result = invoke("report", "--study", "empty", "--storage", storage, "-o", str(tmp_path / "out"))
+    assert "no trial that finished an epoch" in one_line_error(result)
