@@ -116,6 +116,8 @@ def run(
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
     if done:
         click.echo(f"resuming: {done} finished trials stored", err=True)
+    # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = run_study(
             spec, study, n_trials=n_trials, timeout=timeout, device=device,
@@ -244,10 +246,10 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
     """
     from pathlib import Path
 
-    from hpsearch.report import load_study, make_report
-    from hpsearch.storage import open_artifacts
+    from hpsearch.report import make_report
+    from hpsearch.storage import load_stored_study, open_artifacts
 
-    study = load_study(study_name, storage)
+    study = load_stored_study(study_name, storage)
     for path in make_report(study, Path(out_dir), open_artifacts(storage)):
         click.echo(str(path))
     click.echo(f"attached to study {study.study_name} as artifacts", err=True)

@@ -14,10 +14,9 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import sqlalchemy
 
 from hpsearch.optim import OPTIMIZERS
-from hpsearch.storage import open_storage, resolve_url
+from hpsearch.storage import open_existing_storage, resolve_url
 
 FORMATS = ("csv", "md", "json")
 SECTIONS = ("data", "model", "optimizer", "scheduler", "train")
@@ -36,12 +35,7 @@ def load_studies(storage_url: str | None, names: Sequence[str] | None = None) ->
     """
     names = list(dict.fromkeys(Path(n).stem if n.endswith(".toml") else n for n in names)) if names else None
     url = resolve_url(storage_url)
-    if url.startswith("sqlite"):
-        path = sqlalchemy.engine.make_url(url).database
-        # Opening a missing SQLite file would create an empty database and hide the typo.
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise ExportError(f"no studies in {url}: {path} does not exist")
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     known = [s.study_name for s in storage.get_all_studies()]
     if not known:
         raise ExportError(f"no studies in {url}")
@@ -278,15 +272,27 @@ def best_toml(study: optuna.Study) -> str:
     if not isinstance(config, dict):
         raise ExportError(f"trial {best.number} of study {study.study_name!r} has no stored config")
     test = best.user_attrs.get(_keys(study)[1])
+    spec = study.user_attrs.get("spec", {})
+    trial_seed = best.user_attrs.get("seed")
     lines = [
         f"# best trial {best.number} of study {study.study_name}: validation "
         f"{study.user_attrs.get('metric', 'value')} {best.value!r}"
-        + (f", test {test!r}" if test is not None else "")
-        + f", trial seed {best.user_attrs.get('seed')}",
-        "# every value fixed; run with: hpsearch run --study FILE --n-trials 1 (or add a [study] table)",
+        + (f", test {test!r}" if test is not None else ""),
+        "# every value fixed, the same data split and the trial's own seed: run it to retrain",
+        "",
+        "[study]",
+        f"description = {_toml(f'best trial {best.number} of {study.study_name}')}",
+        "n_trials = 1",
+        f"seed = {_toml(spec.get('study', {}).get('seed', 0))}",
+        'pruner = "none"',
     ]
     for section in SECTIONS:
         if section in config:
-            items = sorted(config[section].items(), key=lambda kv: kv[0] != "name")
+            values = dict(config[section])
+            if section == "train" and trial_seed is not None:
+                values["seed"] = trial_seed
+            items = sorted(
+                ((k, v) for k, v in values.items() if v is not None), key=lambda kv: kv[0] != "name"
+            )
             lines += ["", f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in items)]
     return "\n".join(lines) + "\n"

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import optuna
-import sqlalchemy
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
-
-from hpsearch.storage import open_storage, resolve_url
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -49,22 +46,6 @@ class _Run:
     def label(self) -> str:
         lr = f" lr={self.lr:.3g}" if self.lr is not None else ""
         return f"{self.optimizer}{lr}" + ("" if self.complete else " (pruned)")
-
-
-def load_study(name_or_path: str, storage_url: str | None = None) -> optuna.Study:
-    """The stored study named ``name_or_path`` (a study file path stands for its stem)."""
-    name = Path(name_or_path).stem if name_or_path.endswith(".toml") else name_or_path
-    url = resolve_url(storage_url)
-    if url.startswith("sqlite"):
-        db = sqlalchemy.engine.make_url(url).database
-        # open_storage would create an empty database; a report of a missing file is a typo.
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise ReportError(f"no storage file {db}; pass --storage or set $HPSEARCH_STORAGE")
-    storage = open_storage(url)
-    names = sorted(s.study_name for s in storage.get_all_studies())
-    if name not in names:
-        raise ReportError(f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}")
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 def make_report(

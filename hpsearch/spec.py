@@ -40,12 +40,13 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
     "l1": 0.0,
     "max_loss": 0.0,
     "eval_batch_size": 1024,
+    "seed": None,  # None: derived from the study seed and the trial number
 }
 _MODEL_DEFAULTS: dict[str, Any] = {"init": "default", "init_value": 0.0}
 # Keys that change what a stored trial means; the rest of [study] only says how long to search.
 _RUN_ONLY = {"n_trials", "timeout", "description"}
 # Keys that count things: a float there (batch_size = 1.5) is a mistake, not a value to round.
-_COUNTS = {"batch_size", "epochs", "train_limit", "test_limit", "eval_batch_size"}
+_COUNTS = {"batch_size", "epochs", "train_limit", "test_limit", "eval_batch_size", "seed"}
 SEARCH_KEYS = {"low", "high", "log", "step", "choices"}
 Config = dict[str, dict[str, Any]]
 

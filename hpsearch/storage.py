@@ -50,8 +50,37 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         raise StorageError(f"cannot open storage {url}: {first}") from exc
     if url.startswith("sqlite"):
         with storage.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            # The mode is stored in the file: set it once, so a read-only copy stays readable.
+            if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     return storage
+
+
+def open_existing_storage(url: str | None = None) -> optuna.storages.RDBStorage:
+    """``open_storage`` for commands that only read: a missing SQLite file is an error.
+
+    Opening a missing SQLite file would create an empty database and hide a typo in ``--storage``.
+    """
+    url = resolve_url(url)
+    if url.startswith("sqlite"):
+        path = sqlalchemy.engine.make_url(url).database
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise StorageError(
+                f"no studies in {url}: {path} does not exist; pass --storage or set ${ENV_STORAGE}"
+            )
+    return open_storage(url)
+
+
+def load_stored_study(name_or_path: str, url: str | None = None) -> optuna.Study:
+    """The stored study ``name_or_path`` (a study file's path stands for its stem)."""
+    name = Path(name_or_path).stem if name_or_path.endswith(".toml") else name_or_path
+    storage = open_existing_storage(url)
+    names = sorted(s.study_name for s in storage.get_all_studies())
+    if name not in names:
+        raise StorageError(
+            f"no study named {name!r} in {resolve_url(url)}; studies there: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def artifact_dir(url: str | None = None) -> Path:

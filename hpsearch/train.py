@@ -57,9 +57,14 @@ def run_trial(
     and the per-epoch history are stored as the trial's user attributes.
     """
     cfg = spec.sample(trial)
-    seed = trial_seed(spec.seed, trial.number)
-    torch.manual_seed(seed)
     data_cfg, train_cfg = cfg["data"], cfg["train"]
+    seed = train_cfg["seed"] if train_cfg["seed"] is not None else trial_seed(spec.seed, trial.number)
+    torch.manual_seed(seed)
+    # Stored first, so even a trial that fails while building says what it was.
+    trial.set_user_attr("config", cfg)
+    trial.set_user_attr("seed", seed)
+    trial.set_user_attr("device", str(device))
+    trial.set_user_attr("metric", spec.metric)
     data = load_dataset(data_cfg["name"], data_dir, str(device))
     train_idx, val_idx = split(
         len(data.train_y), data_cfg["val_fraction"], spec.seed, data_cfg["train_limit"] or None,
@@ -80,11 +85,7 @@ def run_trial(
     max_loss = train_cfg["max_loss"] or (10 * math.log(data.num_outputs) if classify else 1e4)
     key = "val_acc" if classify else "val_mse"
     history: dict[str, list[float]] = {"train_loss": [], key: [], "epoch_time_s": []}
-    trial.set_user_attr("config", cfg)
-    trial.set_user_attr("seed", seed)
-    trial.set_user_attr("device", str(device))
     trial.set_user_attr("n_params", sum(p.numel() for p in model.parameters()))
-    trial.set_user_attr("metric", spec.metric)
     g = torch.Generator(device=device).manual_seed(seed)
     seen, train_time, start = 0, 0.0, time.perf_counter()
     epochs = int(train_cfg["epochs"])
@@ -257,7 +258,8 @@ def _finish(
         trial.set_user_attr(key, values)
     trial.set_user_attr("epochs_run", epochs_run)
     trial.set_user_attr("run_time_s", time.perf_counter() - start)
-    trial.set_user_attr("examples_per_s", seen / train_time if train_time else 0.0)
+    if train_time:
+        trial.set_user_attr("examples_per_s", seen / train_time)
     if history["train_loss"]:
         trial.set_user_attr("final_train_loss", history["train_loss"][-1])
     if reason:

@@ -342,18 +342,24 @@ def test_best_prints_a_study_file_that_reruns_the_best_trial(storage: Storage, t
     text = result.stdout
     assert text.startswith(f"# best trial {best.number} of study pair: validation accuracy {best.value!r}")
     sections = tomllib.loads(text)
-    assert set(sections) == {"data", "model", "optimizer", "scheduler", "train"}
+    assert set(sections) == {"study", "data", "model", "optimizer", "scheduler", "train"}
     assert not any(isinstance(v, dict) for table in sections.values() for v in table.values())
+    assert sections["train"]["seed"] == best.user_attrs["seed"]
 
-    path = write_study(tmp_path, "pair-best", text + '\n[study]\nn_trials = 1\npruner = "none"\n')
+    path = write_study(tmp_path, "pair-best", text)
     spec = load_spec(path)
     trial = optuna.create_study().ask()
-    assert spec.sample(trial) == best.user_attrs["config"] and trial.params == {}
+    expected = {**best.user_attrs["config"]}
+    expected["train"] = {**expected["train"], "seed": best.user_attrs["seed"]}
+    assert spec.sample(trial) == expected and trial.params == {}
 
+    # The same split, configuration and seed: the retrained trial repeats the stored one.
     url = f"sqlite:///{tmp_path / 'rerun.db'}"
     run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu")
     [rerun] = optuna.load_study(study_name="pair-best", storage=url).get_trials()
-    assert rerun.state == COMPLETE and rerun.user_attrs["config"] == best.user_attrs["config"]
+    assert rerun.state == COMPLETE and rerun.user_attrs["config"] == expected
+    assert rerun.user_attrs["train_loss"] == pytest.approx(best.user_attrs["train_loss"], rel=1e-4)
+    assert rerun.value == pytest.approx(best.value)
 
 
 def test_best_floats_round_trip_exactly(tmp_path: Path) -> None:
@@ -365,4 +371,4 @@ def test_best_floats_round_trip_exactly(tmp_path: Path) -> None:
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"config": config}))
     text = invoke("best", "--storage", url, "--study", "floats").stdout
     spec = load_spec(write_study(tmp_path, "floats", text))
-    assert spec.raw == config
+    assert {k: v for k, v in spec.raw.items() if k != "study"} == config

@@ -192,13 +192,13 @@ def one_line_error(result: Result) -> str:
 def test_unknown_study_is_one_line(synthetic_study: StoredStudy, tmp_path: Path) -> None:
     result = invoke("report", "--study", "nope", "--storage", synthetic_study.storage, "-o", str(tmp_path))
     line = one_line_error(result)
-    assert "no study 'nope'" in line and synthetic_study.name in line
+    assert "no study named 'nope'" in line and synthetic_study.name in line
 
 
 def test_missing_storage_file_is_one_line_and_not_created(tmp_path: Path) -> None:
     db = tmp_path / "typo.db"
     result = invoke("report", "--study", "x", "--storage", f"sqlite:///{db}", "-o", str(tmp_path / "out"))
-    assert "no storage file" in one_line_error(result)
+    assert "does not exist" in one_line_error(result)
     assert not db.exists()
 
 

@@ -378,7 +378,13 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "name": "synthetic", "batch_size": 128, "val_fraction": 0.1, "resize": 0, "flip": True,
             "train_limit": 0, "test_limit": 0,
         }  # fmt: skip
-        assert cfg["train"] == {"epochs": 10, "l1": 0.0, "max_loss": 0.0, "eval_batch_size": 1024}
+        assert cfg["train"] == {
+            "epochs": 10,
+            "l1": 0.0,
+            "max_loss": 0.0,
+            "eval_batch_size": 1024,
+            "seed": None,
+        }
         assert cfg["model"]["init"] == "default" and cfg["model"]["name"] == "bn_cnn"
     assert seen == {("sgd", "none"), ("sgd", "step"), ("adam", "none"), ("adam", "step")}
 
