@@ -16,10 +16,10 @@ import optuna
 import pandas as pd
 
 from hpsearch.optim import OPTIMIZERS
+from hpsearch.schema import SECTIONS
 from hpsearch.storage import open_existing_storage, resolve_url
 
 FORMATS = ("csv", "md", "json")
-SECTIONS = ("data", "model", "optimizer", "scheduler", "train")
 _COMPLETE, _PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 _MISSING = object()
 
@@ -286,7 +286,7 @@ def best_toml(study: optuna.Study) -> str:
         f"seed = {_toml(spec.get('study', {}).get('seed', 0))}",
         'pruner = "none"',
     ]
-    for section in SECTIONS:
+    for section in SECTIONS[1:]:  # [study] is written above
         if section in config:
             values = dict(config[section])
             if section == "train" and trial_seed is not None:

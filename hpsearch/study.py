@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from hpsearch.datasets import load_dataset
-from hpsearch.spec import SpecError, StudySpec
+from hpsearch.spec import SpecError, StudySpec, space_of
 from hpsearch.storage import open_storage
 from hpsearch.train import Progress, resolve_device, run_trial
 
@@ -40,7 +40,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
         )
         stored = study.user_attrs.get("spec")
         if stored is not None:
-            changes = diff(_space_of(stored), spec.space())
+            changes = diff(space_of(stored), spec.space())
             if changes:
                 raise SpecError(
                     f"study {spec.name!r} in this storage was made from a different search space "
@@ -61,13 +61,6 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     study.set_user_attr("hpsearch_version", package_version())
     study.set_user_attr("torch_version", torch.__version__)
     return study
-
-
-def _space_of(raw: dict[str, Any]) -> dict[str, Any]:
-    raw = json.loads(json.dumps(raw))
-    for key in ("n_trials", "timeout", "description"):
-        raw.get("study", {}).pop(key, None)
-    return raw
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

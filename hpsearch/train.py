@@ -93,8 +93,9 @@ def run_trial(
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         try:
-            loss = train_epoch(model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g,
-                                device, max_loss)  # fmt: skip
+            loss = train_epoch(
+                model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g, device, max_loss
+            )
         except Diverged as exc:
             _finish(trial, history, start, seen, train_time, epoch - 1, f"diverged in epoch {epoch}: {exc}")
             raise optuna.TrialPruned(f"diverged: {exc}") from None
