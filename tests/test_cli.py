@@ -124,6 +124,7 @@ def test_study_records_spec_and_versions(fashion: tuple[Path, str, optuna.Study]
     assert attrs["spec"]["optimizer"]["lr"] == {"choices": [0.000001, 0.003]}
     assert attrs["hpsearch_version"] and attrs["torch_version"]
     assert attrs["metric"] == "accuracy"
+    assert study.metric_names == ["validation accuracy"]
 
 
 def test_optuna_cli_reads_the_study_without_hpsearch(
@@ -135,7 +136,8 @@ def test_optuna_cli_reads_the_study_without_hpsearch(
     trials = subprocess.run([optuna_cli, "trials", *common], capture_output=True, text=True, check=True)
     assert len(json.loads(trials.stdout)) == 2
     best = subprocess.run([optuna_cli, "best-trial", *common], capture_output=True, text=True, check=True)
-    assert json.loads(best.stdout)["value"] == pytest.approx(study.best_value)
+    # The study names its objective, so Optuna prints the value under that name.
+    assert json.loads(best.stdout)["value"] == {"validation accuracy": pytest.approx(study.best_value)}
 
 
 def test_resume_adds_trials_and_fills_up_to_n_trials(tmp_path: Path) -> None:
