@@ -134,11 +134,16 @@ def onecycle(
     pct_start: float = 0.3,
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
+    cycle_momentum: bool = True,
 ) -> Scheduler:
     """One-cycle policy stepped every batch; max_lr defaults to the optimizer's lr."""
     peak = max_lr or optimizer.param_groups[0]["lr"]
+    # Momentum is cycled against the rate only where the optimizer has one (not Adagrad, LBFGS).
+    group = optimizer.param_groups[0]
+    cycle = cycle_momentum and ("betas" in group or group.get("momentum", 0) > 0)
     return lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
+        optimizer,
+        cycle_momentum=cycle, max_lr=peak, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
         pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
     )  # fmt: skip
 
