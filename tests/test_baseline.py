@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+
 from conftest import run_cli
 
 STUDY = Path(__file__).parent.parent / "studies" / "lenet-fashion-baseline.toml"

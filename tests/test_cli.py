@@ -10,8 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli, write_study
 
+from conftest import run_cli, write_study
 from hpsearch.cli import main
 from hpsearch.datasets import DATASETS
 from hpsearch.models import MODELS

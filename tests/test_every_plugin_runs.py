@@ -51,6 +51,7 @@ epochs = 2
     trials = optuna.load_study(study_name="every-plugin", storage=storage).trials
     pairs = {(t.params["optimizer.name"], t.params["scheduler.name"]) for t in trials}
     assert pairs == {(o, s) for o in optimizers for s in schedulers}
-    failed = [(t.params, t.user_attrs.get("fail_reason")) for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
+    complete = optuna.trial.TrialState.COMPLETE
+    failed = [(t.params, t.user_attrs.get("fail_reason")) for t in trials if t.state != complete]
     assert failed == []
     assert all(len(t.user_attrs["train_loss"]) == 2 and t.user_attrs["test_mse"] >= 0 for t in trials)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import tomllib
 from click.testing import CliRunner, Result
-from conftest import StoredStudy, run_cli, write_study
 
+from conftest import StoredStudy, run_cli, write_study
 from hpsearch.cli import main
 from hpsearch.spec import load_spec
 

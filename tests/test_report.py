@@ -9,9 +9,9 @@ import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner, Result
-from conftest import StoredStudy, run_cli, write_study
 from optuna.trial import TrialState
 
+from conftest import StoredStudy, run_cli, write_study
 from hpsearch.cli import main
 from hpsearch.report import REPORT_ATTR
 from hpsearch.storage import open_artifacts
