@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -17,7 +21,7 @@ from hpsearch.optim import OPTIMIZERS, SCHEDULERS
 from hpsearch.registry import UnknownName
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.spec import SpecError, list_studies, load_spec
-from hpsearch.storage import ENV_STORAGE, StorageError
+from hpsearch.storage import ENV_STORAGE, StorageError, resolve_url
 from hpsearch.train import resolve_device
 
 # Errors of a user's making: shown as one line, never as a traceback.
@@ -88,6 +92,8 @@ def main() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="HPSEARCH_DATA_DIR",
               default=None, help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
               "the cache, /usr/share/datasets, then a download).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes sharing the study; --n-trials is split between them.")  # fmt: skip
 @user_errors
 def run(
     study_name: str,
@@ -96,21 +102,25 @@ def run(
     timeout: float | None,
     device: str,
     data_dir: str | None,
+    workers: int,
 ) -> None:
     """Run or resume a study: sample, train, report each epoch, prune.
 
     Trials are stored as they finish; stopping (Ctrl-C) and running the same command again
-    resumes the study. Example:
+    resumes the study. With --workers N, N processes share the one study and storage: on one GPU
+    several workers keep it busy with small nets. On several machines, run `hpsearch run` on each
+    against the same PostgreSQL --storage URL. Examples:
 
     \b
         hpsearch run --study lenet-fashion --n-trials 20 --device cuda
+        hpsearch run --study quickstart --workers 2
     """
     from hpsearch.study import finished, open_study, run_study
 
     spec = load_spec(study_name)
     # Device and data are checked first, so a mistake there leaves no empty study behind.
     dev = resolve_device(device)
-    load_dataset(spec.raw["data"]["name"], data_dir, str(dev))
+    load_dataset(spec.raw["data"]["name"], data_dir, str(dev) if workers == 1 else "cpu")
     study = open_study(spec, storage)
     done = finished(study)
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
@@ -119,15 +129,63 @@ def run(
     # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = run_study(
-            spec, study, n_trials=n_trials, timeout=timeout, device=device,
-            data_dir=data_dir, progress=_epoch_bar, on_trial=_trial_line,
-        )  # fmt: skip
+        if workers > 1:
+            _run_workers(workers, study_name, resolve_url(storage), n_trials, timeout, device, data_dir)
+        else:
+            study = run_study(
+                spec, study, n_trials=n_trials, timeout=timeout, device=device,
+                data_dir=data_dir, progress=_epoch_bar, on_trial=_trial_line,
+            )  # fmt: skip
     except KeyboardInterrupt:
         click.echo("interrupted: finished trials are stored; run the same command to resume",
                    err=True)  # fmt: skip
         sys.exit(130)
     _best_summary(study)
+
+
+def _run_workers(
+    workers: int,
+    study_name: str,
+    storage: str,
+    n_trials: int | None,
+    timeout: float | None,
+    device: str,
+    data_dir: str | None,
+) -> None:
+    """Run ``workers`` child ``hpsearch run`` processes on one study; fail if any of them fails."""
+    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", study_name, "--device", device]
+    cmd += ["--workers", "1", *(["--timeout", str(timeout)] if timeout is not None else [])]
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    shares: list[list[str]] = [[]] * workers
+    if n_trials is not None:
+        counts = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+        shares = [["--n-trials", str(k)] for k in counts if k]
+    # The URL goes through the environment: on the command line `ps` would show its password.
+    env = {**os.environ, ENV_STORAGE: storage}
+    # Children get their own session, so a terminal's Ctrl-C reaches only this process, which
+    # forwards it once. Their stdout (each one's best trial) would repeat the summary below.
+    procs = [
+        subprocess.Popen([*cmd, *share], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+        for share in shares
+    ]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)
+        raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [str(code) for code in codes if code]
+    if failed:
+        raise click.ClickException(
+            f"{len(failed)} of {len(procs)} workers failed (exit status {', '.join(failed)})"
+        )
 
 
 def _epoch_bar(number: int) -> Callable[[int, int, float], None] | None:
@@ -262,7 +320,7 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
 @storage_option
 @click.option("-o", "--output", default="-", show_default=True, metavar="FILE",
               help="File to write (atomically); - is stdout.")  # fmt: skip
-@click.option("--format", "fmt", type=click.Choice(["csv", "md", "json"]), default=None,
+@click.option("-f", "--format", "fmt", type=click.Choice(["csv", "md", "json"]), default=None,
               help="Table format (default: from the output's extension, else csv).")  # fmt: skip
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the K best trials.")
 @click.option("--best-per", metavar="PARAM", default=None,

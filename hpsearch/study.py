@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 import warnings
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 from hpsearch.datasets import load_dataset
 from hpsearch.spec import SpecError, StudySpec, space_of
-from hpsearch.storage import open_storage
+from hpsearch.storage import StorageError, open_storage
 from hpsearch.train import Progress, resolve_device, run_trial
 
 TrialDone = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -32,7 +35,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     changed, since Optuna cannot mix trials from different spaces in one study.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_url, heartbeat=True)
+    storage = _open_shared_storage(storage_url)
     existing = {s.study_name for s in storage.get_all_studies()}
     if spec.name in existing:
         study = optuna.load_study(
@@ -49,11 +52,17 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
                 )
         if study.direction.name.lower() != spec.direction:
             raise SpecError(f"study {spec.name!r} was created to {study.direction.name.lower()}")
+        # A seeded sampler replays one sequence in every process: a rerun, or each worker joining
+        # the study, would sample configurations already tried. Only the creator keeps the seed.
+        study.sampler.reseed_rng()
         return study
-    study = optuna.create_study(
-        study_name=spec.name, storage=storage, direction=spec.direction,
-        sampler=spec.sampler(), pruner=spec.pruner(),
-    )  # fmt: skip
+    try:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction=spec.direction,
+            sampler=spec.sampler(), pruner=spec.pruner(),
+        )  # fmt: skip
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
+        return open_study(spec, storage_url)
     # Names the objective in the dashboard ("validation accuracy" rather than "Objective 0").
     study.set_metric_names([f"validation {spec.metric}"])
     study.set_user_attr("spec", spec.raw)
@@ -63,6 +72,19 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     study.set_user_attr("hpsearch_version", package_version())
     study.set_user_attr("torch_version", torch.__version__)
     return study
+
+
+def _open_shared_storage(url: str | None) -> optuna.storages.RDBStorage:
+    """``open_storage``, retried: workers that start together on a new database race to create
+    Optuna's tables, and all but one fail on their first try."""
+    for _ in range(2):
+        try:
+            return open_storage(url, heartbeat=True)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError):
+                raise
+            time.sleep(0.5 + random.random())
+    return open_storage(url, heartbeat=True)
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -132,6 +154,9 @@ def run_study(
             return run_trial(trial, spec, dev, data_dir, progress(trial.number) if progress else None)
         except (RuntimeError, ValueError, TypeError) as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
             raise
 
     callbacks = [on_trial] if on_trial else []

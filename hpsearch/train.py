@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -64,6 +66,7 @@ def run_trial(
     trial.set_user_attr("config", cfg)
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("device", str(device))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("metric", spec.metric)
     data = load_dataset(data_cfg["name"], data_dir, str(device))
     train_idx, val_idx = split(

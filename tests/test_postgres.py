@@ -1,0 +1,149 @@
+"""PostgreSQL storage for real: a throw-away server from Debian's `pg_virtualenv`, see README.
+
+The server comes from the PG* environment variables that `pg_virtualenv` sets; without them these
+tests fail rather than skip, so a CI set-up that lost its database cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+from sqlalchemy.engine import URL
+
+from conftest import run_cli, write_study
+from hpsearch.cli import main
+
+PG_VARS = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
+
+STUDY = """
+[study]
+description = "test: PostgreSQL storage"
+n_trials = 6
+seed = 0
+sampler = "random"
+pruner = "none"
+
+[data]
+name = "synthetic"
+batch_size = 64
+
+[model]
+name = "mnist_cnn"
+
+[optimizer]
+name = { choices = ["sgd", "adam"] }
+lr = { low = 0.0001, high = 0.003, log = true }
+
+[train]
+epochs = 1
+"""
+
+
+def _pg_url() -> str | None:
+    env = os.environ
+    if not all(env.get(var) for var in PG_VARS):
+        return None
+    common = {"username": env["PGUSER"], "password": env.get("PGPASSWORD"), "database": env["PGDATABASE"]}
+    if env["PGHOST"].startswith("/"):  # a socket folder: libpq takes it as the host parameter
+        url = URL.create("postgresql+psycopg", query={"host": env["PGHOST"], "port": env["PGPORT"]}, **common)
+    else:
+        url = URL.create("postgresql+psycopg", host=env["PGHOST"], port=int(env["PGPORT"]), **common)
+    return url.render_as_string(hide_password=False)
+
+
+def pg_url() -> str:
+    url = _pg_url()
+    if url is None:
+        missing = ", ".join(var for var in PG_VARS if not os.environ.get(var))
+        pytest.fail(
+            f"no PostgreSQL server: {missing} not set; run the tests under pg_virtualenv, see README",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture
+def study_name() -> Iterator[str]:
+    """A study name of this test's own, dropped from the database afterwards."""
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    yield name
+    url = _pg_url()
+    if url is not None:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=url)
+
+
+def stored_trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).trials
+
+
+def test_two_processes_share_one_study(tmp_path: Path, study_name: str) -> None:
+    url = pg_url()
+    path = write_study(tmp_path, study_name, STUDY)
+    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", str(path), "--storage", url, "--device", "cpu"]
+    # Started together on a new study: both race to create it, as workers on two machines would.
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+        assert "Traceback" not in err and "best trial" in out
+
+    trials = stored_trials(study_name, url)
+    # MaxTrialsCallback lets a worker start one more trial while the other's last one finishes.
+    assert 6 <= len(trials) <= 7
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert workers == {f"{socket.gethostname()}:{p.pid}" for p in procs}
+    # The worker that did not create the study reseeds its sampler instead of replaying the seed.
+    assert len({tuple(t.params.values()) for t in trials}) == len(trials)
+    attrs = optuna.load_study(study_name=study_name, storage=url).user_attrs
+    assert attrs["spec_source"] == STUDY
+    assert attrs["spec"]["optimizer"]["lr"] == {"low": 0.0001, "high": 0.003, "log": True}
+
+
+def test_stop_and_resume_fills_the_study_and_refuses_a_changed_space(tmp_path: Path, study_name: str) -> None:
+    url = pg_url()
+    path = write_study(tmp_path, study_name, STUDY.replace("n_trials = 6", "n_trials = 4"))
+    run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu", "--n-trials", "2")
+    assert len(stored_trials(study_name, url)) == 2
+    out = run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu")
+    assert "resuming: 2 finished trials stored" in out
+    trials = stored_trials(study_name, url)
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
+
+    path.write_text(path.read_text().replace("high = 0.003", "high = 0.01"))
+    result = CliRunner().invoke(main, ["run", "--study", str(path), "--storage", url, "--n-trials", "1"])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "different search space" in result.output
+    assert "optimizer.lr.high changed from 0.003 to 0.01" in result.output
+    assert len(stored_trials(study_name, url)) == 4
+
+
+def test_export_reads_the_study_back(tmp_path: Path, study_name: str) -> None:
+    url = pg_url()
+    path = write_study(tmp_path, study_name, STUDY)
+    run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu", "--n-trials", "3")
+    result = CliRunner().invoke(main, ["export", "--study", study_name, "--storage", url])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.stdout))
+    complete = [t for t in stored_trials(study_name, url) if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert len(table) == len(complete)
