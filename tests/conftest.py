@@ -37,6 +37,31 @@ epochs = 3
 """
 
 
+# Every configuration learns (no divergence, no pruner), so each trial should end COMPLETE.
+QUICK_STUDY = """
+[study]
+description = "test: a quick random search on synthetic data"
+n_trials = 6
+seed = 0
+sampler = "random"
+pruner = "none"
+
+[data]
+name = "synthetic"
+batch_size = 64
+
+[model]
+name = "mnist_cnn"
+
+[optimizer]
+name = { choices = ["sgd", "adam"] }
+lr = { low = 0.0001, high = 0.003, log = true }
+
+[train]
+epochs = 1
+"""
+
+
 @dataclass
 class StoredStudy:
     """A study file and the storage its trials were run into."""

@@ -23,33 +23,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 from sqlalchemy.engine import URL
 
-from conftest import run_cli, write_study
+from conftest import QUICK_STUDY, run_cli, write_study
 from hpsearch.cli import main
 
 PG_VARS = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
-
-STUDY = """
-[study]
-description = "test: PostgreSQL storage"
-n_trials = 6
-seed = 0
-sampler = "random"
-pruner = "none"
-
-[data]
-name = "synthetic"
-batch_size = 64
-
-[model]
-name = "mnist_cnn"
-
-[optimizer]
-name = { choices = ["sgd", "adam"] }
-lr = { low = 0.0001, high = 0.003, log = true }
-
-[train]
-epochs = 1
-"""
 
 
 def _pg_url() -> str | None:
@@ -92,7 +69,7 @@ def stored_trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_two_processes_share_one_study(tmp_path: Path, study_name: str) -> None:
     url = pg_url()
-    path = write_study(tmp_path, study_name, STUDY)
+    path = write_study(tmp_path, study_name, QUICK_STUDY)
     cmd = [sys.executable, "-m", "hpsearch", "run", "--study", str(path), "--storage", url, "--device", "cpu"]
     # Started together on a new study: both race to create it, as workers on two machines would.
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
@@ -114,13 +91,13 @@ def test_two_processes_share_one_study(tmp_path: Path, study_name: str) -> None:
     # The worker that did not create the study reseeds its sampler instead of replaying the seed.
     assert len({tuple(t.params.values()) for t in trials}) == len(trials)
     attrs = optuna.load_study(study_name=study_name, storage=url).user_attrs
-    assert attrs["spec_source"] == STUDY
+    assert attrs["spec_source"] == QUICK_STUDY
     assert attrs["spec"]["optimizer"]["lr"] == {"low": 0.0001, "high": 0.003, "log": True}
 
 
 def test_stop_and_resume_fills_the_study_and_refuses_a_changed_space(tmp_path: Path, study_name: str) -> None:
     url = pg_url()
-    path = write_study(tmp_path, study_name, STUDY.replace("n_trials = 6", "n_trials = 4"))
+    path = write_study(tmp_path, study_name, QUICK_STUDY.replace("n_trials = 6", "n_trials = 4"))
     run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu", "--n-trials", "2")
     assert len(stored_trials(study_name, url)) == 2
     out = run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu")
@@ -139,7 +116,7 @@ def test_stop_and_resume_fills_the_study_and_refuses_a_changed_space(tmp_path: P
 
 def test_export_reads_the_study_back(tmp_path: Path, study_name: str) -> None:
     url = pg_url()
-    path = write_study(tmp_path, study_name, STUDY)
+    path = write_study(tmp_path, study_name, QUICK_STUDY)
     run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu", "--n-trials", "3")
     result = CliRunner().invoke(main, ["export", "--study", study_name, "--storage", url])
     assert result.exit_code == 0, result.output

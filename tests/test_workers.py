@@ -8,31 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import run_cli, write_study
-
-# Every configuration learns (no divergence, no pruner), so each trial should end COMPLETE.
-WORKERS_STUDY = """
-[study]
-description = "test: two workers on synthetic data"
-n_trials = 6
-seed = 0
-sampler = "random"
-pruner = "none"
-
-[data]
-name = "synthetic"
-batch_size = 64
-
-[model]
-name = "mnist_cnn"
-
-[optimizer]
-name = { choices = ["sgd", "adam"] }
-lr = { low = 0.0001, high = 0.003, log = true }
-
-[train]
-epochs = 1
-"""
+from conftest import QUICK_STUDY, run_cli, write_study
 
 
 def pid_of(trial: optuna.trial.FrozenTrial) -> int:
@@ -42,7 +18,7 @@ def pid_of(trial: optuna.trial.FrozenTrial) -> int:
 def test_two_workers_fill_one_sqlite_study_then_add_trials(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    path = write_study(tmp_path, "workers", WORKERS_STUDY)
+    path = write_study(tmp_path, "workers", QUICK_STUDY)
     storage = f"sqlite:///{tmp_path / 'hpsearch.db'}"
     out = run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu", "--workers", "2")
     children = capfd.readouterr().err  # the workers write to the inherited stderr, not the runner's
