@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from hpsearch.registry import UnknownName
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.spec import SpecError, list_studies, load_spec
 from hpsearch.storage import ENV_STORAGE, StorageError, resolve_url
-from hpsearch.train import resolve_device
+from hpsearch.train import Progress, resolve_device
 
 # Errors of a user's making: shown as one line, never as a traceback.
 USER_ERRORS = (SpecError, StorageError, DataNotFound, UnknownName, FileNotFoundError, ValueError)
@@ -188,19 +189,22 @@ def _run_workers(
         )
 
 
-def _epoch_bar(number: int) -> Callable[[int, int, float], None] | None:
-    """A progress line per trial, redrawn after every epoch (on a terminal only)."""
+def _epoch_bar(number: int) -> Progress | None:
+    """A progress line per trial, redrawn as batches and epochs finish (on a terminal only)."""
     if not sys.stderr.isatty():
         return None
+    last = [0.0]
 
-    def show(epoch: int, epochs: int, value: float) -> None:
+    def show(epoch: int, epochs: int, done: float, value: float | None) -> None:
+        now = time.monotonic()
+        if value is None and now - last[0] < 0.25:  # a redraw per check would flicker
+            return
+        last[0] = now
         width = 20
-        filled = width * epoch // epochs
+        filled = int(width * (epoch - 1 + done) / epochs)
         bar = "#" * filled + "-" * (width - filled)
-        end = "\n" if epoch == epochs else ""
-        click.echo(f"\rtrial {number:>4} [{bar}] epoch {epoch}/{epochs} val {value:.4f}",
-                   err=True, nl=False)  # fmt: skip
-        click.echo(end, err=True, nl=False)
+        val = f" val {value:.4f}" if value is not None else ""
+        click.echo(f"\rtrial {number:>4} [{bar}] epoch {epoch}/{epochs}{val}\x1b[K", err=True, nl=False)
 
     return show
 
@@ -213,7 +217,9 @@ def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     secs = attrs.get("run_time_s", 0.0)
     why = attrs.get("stop_reason") or attrs.get("fail_reason") or ""
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    click.echo(f"\rtrial {trial.number:>4} {state:<8} value {value} epochs {epochs} "
+    # On a terminal, clear the progress line this one replaces.
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    click.echo(f"{clear}trial {trial.number:>4} {state:<8} value {value} epochs {epochs} "
                f"{secs:.1f}s  {params}" + (f"  ({why})" if why and state != "complete" else ""),
                err=True)  # fmt: skip
 

@@ -23,7 +23,8 @@ from hpsearch.spec import Config, StudySpec
 # on the device per batch, yet a blown-up run stops within its first epoch.
 CHECK_EVERY = 16
 
-Progress = Callable[[int, int, float], None]
+# progress(epoch, epochs, fraction of the epoch done, validation metric once the epoch is evaluated)
+Progress = Callable[[int, int, float, float | None], None]
 
 
 class Diverged(Exception):
@@ -39,7 +40,10 @@ def resolve_device(device: str | None) -> torch.device:
     """``auto`` (or None) picks CUDA when present, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use cpu")
     return dev
@@ -96,8 +100,9 @@ def run_trial(
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         try:
+            on_check = (lambda done, e=epoch: progress(e, epochs, done, None)) if progress else None
             loss = train_epoch(
-                model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g, device, max_loss
+                model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g, device, max_loss, on_check
             )
         except Diverged as exc:
             _finish(trial, history, start, seen, train_time, epoch - 1, f"diverged in epoch {epoch}: {exc}")
@@ -110,7 +115,7 @@ def run_trial(
         history["epoch_time_s"].append(time.perf_counter() - t0)
         trial.report(value, epoch)
         if progress:
-            progress(epoch, epochs, value)
+            progress(epoch, epochs, 1.0, value)
         if trial.should_prune():
             _finish(trial, history, start, seen, train_time, epoch,
                     f"pruned at epoch {epoch}: validation {spec.metric} {value:.4f}")  # fmt: skip
@@ -155,8 +160,13 @@ def train_epoch(
     g: torch.Generator,
     device: torch.device,
     max_loss: float,
+    on_check: Callable[[float], None] | None = None,
 ) -> float:
-    """One pass over the training indices; the mean training loss, synced once per epoch."""
+    """One pass over the training indices; the mean training loss, synced once per epoch.
+
+    Every ``CHECK_EVERY`` batches the loss is checked for divergence and ``on_check`` is told the
+    fraction of the epoch done: the one host sync serves both.
+    """
     model.train()
     bs, resize, flip = int(cfg["data"]["batch_size"]), cfg["data"]["resize"], cfg["data"]["flip"]
     l1 = float(cfg["train"]["l1"])
@@ -186,6 +196,8 @@ def train_epoch(
             scheduler.step()
         if n_batches % CHECK_EVERY == 0:
             _check(float(worst), max_loss, n_batches)
+            if on_check:
+                on_check(min(1.0, (i + bs) / len(order)))
     _check(float(worst), max_loss, n_batches)
     return float(total) / max(1, min(len(order), n_batches * bs))
 

@@ -199,6 +199,8 @@ def test_diverging_configuration_stops_in_its_first_epoch(tmp_path: Path) -> Non
          "mnist not found"),
         (["run", "--study", "quickstart", "--device", "cuda:7", "--storage", "sqlite:///{tmp}/x.db"],
          "CUDA is not available"),
+        (["run", "--study", "quickstart", "--device", "gpu", "--storage", "sqlite:///{tmp}/x.db"],
+         "unknown device 'gpu'"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_line(
