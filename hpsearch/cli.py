@@ -90,7 +90,7 @@ def main() -> None:
     show_default=True,
     help="auto (CUDA when present), cpu, cuda or cuda:N.",
 )
-@click.option("--data-dir", type=click.Path(file_okay=False), envvar="HPSEARCH_DATA_DIR",
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), envvar="HPSEARCH_DATA_DIR",
               default=None, help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
               "the cache, /usr/share/datasets, then a download).")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

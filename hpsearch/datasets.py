@@ -205,7 +205,7 @@ def _mnist_family(
         getattr(torchvision.datasets, tv_class)(str(target), train=False, download=True)
         return _mnist_family(name, tv_class, None, (), mean, std)
     except Exception as exc:  # network or mirror failures: report them with the other options
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _one_line(exc)
     env = "set" if data_dir else "not set"
     raise DataNotFound(
         f"{name} not found: looked in {', '.join(looked)} (--data-dir/{ENV_DATA_DIR} {env}); "
@@ -225,6 +225,12 @@ def fashion_mnist(data_dir: Path | None) -> Dataset:
 def mnist(data_dir: Path | None) -> Dataset:
     """MNIST, 28×28 grey handwritten digits, 10 classes (seeds 000, 002)."""
     return _mnist_family("mnist", "MNIST", data_dir, (), 0.1307, 0.3081)
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one short line: torchvision's download errors span several."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +262,7 @@ def cifar10(data_dir: Path | None) -> Dataset:
         torchvision.datasets.CIFAR10(str(target), train=True, download=True)
         return cifar10(None)
     except Exception as exc:  # network or mirror failures
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _one_line(exc)
     raise DataNotFound(
         f"cifar10 not found: looked for cifar-10-batches-py/ in {', '.join(map(str, folders))} "
         f"(--data-dir/{ENV_DATA_DIR} {'set' if data_dir else 'not set'}); download failed "

@@ -47,13 +47,21 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         )  # fmt: skip
     except Exception as exc:  # SQLAlchemy/driver errors: the user's URL is wrong or unreachable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open storage {url}: {first}") from exc
+        raise StorageError(f"cannot open storage {_shown(url)}: {first}") from exc
     if url.startswith("sqlite"):
         with storage.engine.connect() as conn:
             # The mode is stored in the file: set it once, so a read-only copy stays readable.
             if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     return storage
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password masked, for messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
 
 
 def open_existing_storage(url: str | None = None) -> optuna.storages.RDBStorage:

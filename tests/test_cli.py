@@ -195,8 +195,10 @@ def test_diverging_configuration_stops_in_its_first_epoch(tmp_path: Path) -> Non
         (["run", "--study", "missing.toml"], "study file missing.toml does not exist"),
         (["run", "--study", "quickstart", "--storage", "sqlite:////no/such/dir/x.db"], "does not exist"),
         (["run", "--study", "quickstart", "--storage", "nosuchdb://x"], "cannot open storage nosuchdb://x"),
-        (["run", "--study", "cnn-mnist", "--data-dir", "/nonexistent", "--storage", "sqlite:///{tmp}/x.db"],
+        (["run", "--study", "cnn-mnist", "--data-dir", "{tmp}", "--storage", "sqlite:///{tmp}/x.db"],
          "mnist not found"),
+        (["run", "--study", "quickstart", "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/db"],
+         "cannot open storage postgresql+psycopg://u:***@127.0.0.1:1/db"),
         (["run", "--study", "quickstart", "--device", "cuda:7", "--storage", "sqlite:///{tmp}/x.db"],
          "CUDA is not available"),
         (["run", "--study", "quickstart", "--device", "gpu", "--storage", "sqlite:///{tmp}/x.db"],
@@ -238,3 +240,12 @@ def test_a_failed_start_leaves_no_empty_study(tmp_path: Path, monkeypatch: pytes
     code, _ = invoke("run", "--study", "cnn-mnist", "--data-dir", str(tmp_path), "--storage", storage)
     assert code != 0
     assert optuna.get_all_study_names(storage) == []
+
+
+def test_a_missing_data_dir_is_a_usage_error() -> None:
+    code, out = invoke("run", "--study", "quickstart", "--data-dir", "/nonexistent")
+    assert code == 2 and "Traceback" not in out
+    assert (
+        out.strip().splitlines()[-1]
+        == "Error: Invalid value for '--data-dir': Directory '/nonexistent' does not exist."
+    )
