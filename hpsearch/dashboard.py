@@ -13,7 +13,7 @@ import urllib.request
 import optuna
 import optuna_dashboard
 
-from hpsearch.storage import StorageError, open_artifacts, open_storage, resolve_url
+from hpsearch.storage import StorageError, open_artifacts, open_existing_storage, resolve_url
 
 
 def spec_note(name: str, description: str, spec_source: str) -> str:
@@ -50,7 +50,7 @@ def serve(url: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     Blocks. Study notes are refreshed from the study files first; artifacts come from
     ``open_artifacts(url)``.
     """
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     artifacts = open_artifacts(url)
     write_spec_notes(storage)
     optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=artifacts)

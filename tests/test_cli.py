@@ -249,3 +249,10 @@ def test_a_missing_data_dir_is_a_usage_error() -> None:
         out.strip().splitlines()[-1]
         == "Error: Invalid value for '--data-dir': Directory '/nonexistent' does not exist."
     )
+
+
+def test_the_dashboard_refuses_a_missing_sqlite_file(tmp_path: Path) -> None:
+    code, out = invoke("dashboard", "--storage", f"sqlite:///{tmp_path / 'typo.db'}", "--port", "8799")
+    assert code == 1 and "Traceback" not in out
+    assert "typo.db does not exist" in out.strip().splitlines()[-1]
+    assert not (tmp_path / "typo.db").exists()
