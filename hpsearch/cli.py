@@ -60,7 +60,7 @@ def main() -> None:
     hpsearch list                              what can be searched, and the bundled studies
     hpsearch run --study quickstart            run (or resume) a study
     hpsearch export --study quickstart         best configurations as a CSV table
-    hpsearch best --study quickstart           the best trial as a study-file fragment
+    hpsearch best --study quickstart           the best trial as a runnable study file
     hpsearch report --study quickstart -o DIR  figures comparing the optimizers
     hpsearch dashboard                         browse studies in optuna-dashboard
     """
@@ -391,12 +391,14 @@ def export(
 def best(study_name: str, storage: str | None) -> None:
     """Print the best trial's configuration as a study file, every value fixed.
 
-    The [data], [model], [optimizer], [scheduler] and [train] sections of the best completed trial,
-    with no search tables: train it again, or longer, as a study of its own. Example:
+    A one-trial [study] with the original study seed (the same data split), then the [data],
+    [model], [optimizer], [scheduler] and [train] sections of the best completed trial with no
+    search tables and the trial's own seed: running it repeats the trial; edit it to train longer
+    or to seed another study. Example:
 
     \b
         hpsearch best --study quickstart > quickstart-best.toml
-        hpsearch run --study quickstart-best.toml --n-trials 1
+        hpsearch run --study quickstart-best.toml
     """
     from hpsearch.export import best_toml, load_studies
 
