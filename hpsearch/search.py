@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import optuna
 from optuna import pruners, samplers
 
 from hpsearch.registry import Registry
@@ -51,7 +50,3 @@ def build_pruner(name: str, **kwargs: Any) -> pruners.BasePruner:
         inner = dict(kwargs.pop(nested, {"name": "none"}))
         kwargs["wrapped_pruner"] = build_pruner(inner.pop("name"), **inner)
     return PRUNERS[name](**kwargs)
-
-
-def describe(obj: optuna.samplers.BaseSampler | optuna.pruners.BasePruner) -> str:
-    return type(obj).__name__
