@@ -16,39 +16,63 @@ from typing import Any
 import click
 import optuna
 
-from hpsearch.datasets import DATASETS, DataNotFound, load_dataset
+from hpsearch.datasets import DATASETS, load_dataset
+from hpsearch.errors import HpsearchError
 from hpsearch.models import MODELS
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS
-from hpsearch.registry import UnknownName
+from hpsearch.record import TrialRecord, study_task
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.spec import SpecError, list_studies, load_spec
-from hpsearch.storage import ENV_STORAGE, StorageError, resolve_url
+from hpsearch.storage import ENV_STORAGE, resolve_url
 from hpsearch.train import Progress, resolve_device
-
-# Errors of a user's making: shown as one line, never as a traceback.
-USER_ERRORS = (SpecError, StorageError, DataNotFound, UnknownName, FileNotFoundError, ValueError)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose ``HpsearchError`` (a user's mistake) ends it with one line, never a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except HpsearchError as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
 
 
+def interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Ctrl-C or SIGTERM, also while starting up, ends the command with one line and exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # SIGTERM (a scheduler, `kill`, a container stopping) takes the same path as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished trials are stored; run the same command to resume", err=True)
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
 storage_option = click.option(
-    "--storage", envvar=ENV_STORAGE, default=None, metavar="URL",
+    "--storage",
+    envvar=ENV_STORAGE,
+    default=None,
+    metavar="URL",
     help=f"Optuna storage URL (default: ${ENV_STORAGE}, else sqlite:///hpsearch.db here). "
     "PostgreSQL: postgresql+psycopg://user:pass@host/db.",
-)  # fmt: skip
+)
 study_option = click.option(
-    "--study", "study_name", required=True, metavar="NAME|PATH",
+    "--study",
+    "study_name",
+    required=True,
+    metavar="NAME|PATH",
     help="Study name (studies/NAME.toml) or path to a study file.",
-)  # fmt: skip
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,11 +114,22 @@ def main() -> None:
     show_default=True,
     help="auto (CUDA when present), cpu, cuda or cuda:N.",
 )
-@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), envvar="HPSEARCH_DATA_DIR",
-              default=None, help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
-              "the cache, /usr/share/datasets, then a download).")  # fmt: skip
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes sharing the study; --n-trials is split between them.")  # fmt: skip
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True),
+    envvar="HPSEARCH_DATA_DIR",
+    default=None,
+    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
+    "the cache, /usr/share/datasets, then a download).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the study; --n-trials is split between them.",
+)
+@interruptible
 @user_errors
 def run(
     study_name: str,
@@ -121,7 +156,8 @@ def run(
     spec = load_spec(study_name)
     # Device and data are checked first, so a mistake there leaves no empty study behind.
     dev = resolve_device(device)
-    load_dataset(spec.raw["data"]["name"], data_dir, str(dev) if workers == 1 else "cpu")
+    data = load_dataset(spec.raw["data"]["name"], data_dir, str(dev) if workers == 1 else "cpu")
+    spec.check_data(len(data.train_y), len(data.test_y))
     study = open_study(spec, storage)
     done = finished(study)
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
@@ -129,19 +165,25 @@ def run(
         click.echo(f"resuming: {done} finished trials stored", err=True)
     # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        if workers > 1:
-            _run_workers(workers, study_name, resolve_url(storage), n_trials, timeout, device, data_dir)
-        else:
-            study = run_study(
-                spec, study, n_trials=n_trials, timeout=timeout, device=device,
-                data_dir=data_dir, progress=_epoch_bar, on_trial=_trial_line,
-            )  # fmt: skip
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished trials are stored; run the same command to resume",
-                   err=True)  # fmt: skip
-        sys.exit(130)
+    if workers > 1:
+        _run_workers(workers, study_name, resolve_url(storage), n_trials, timeout, device, data_dir)
+        _best_summary(study)
+        return
+    summary = run_study(
+        spec,
+        study,
+        n_trials=n_trials,
+        timeout=timeout,
+        device=device,
+        data_dir=data_dir,
+        progress=_epoch_bar,
+        on_trial=_trial_line,
+    )
+    for line in summary.failure_lines():
+        click.echo(line, err=True)
     _best_summary(study)
+    if summary.all_failed:
+        raise click.ClickException(f"every trial of this run failed ({summary.ran}); the reasons are above")
 
 
 def _run_workers(
@@ -210,18 +252,18 @@ def _epoch_bar(number: int) -> Progress | None:
 
 
 def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    attrs = trial.user_attrs
+    rec = TrialRecord.of(trial, study_task(study))
     state = trial.state.name.lower()
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    epochs = attrs.get("epochs_run", 0)
-    secs = attrs.get("run_time_s", 0.0)
-    why = attrs.get("stop_reason") or attrs.get("fail_reason") or ""
+    epochs, secs, why = rec.epochs_run, rec.run_time_s, rec.reason or ""
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
     # On a terminal, clear the progress line this one replaces.
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""
-    click.echo(f"{clear}trial {trial.number:>4} {state:<8} value {value} epochs {epochs} "
-               f"{secs:.1f}s  {params}" + (f"  ({why})" if why and state != "complete" else ""),
-               err=True)  # fmt: skip
+    click.echo(
+        f"{clear}trial {trial.number:>4} {state:<8} value {value} epochs {epochs} "
+        f"{secs:.1f}s  {params}" + (f"  ({why})" if why and state != "complete" else ""),
+        err=True,
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -237,9 +279,10 @@ def _best_summary(study: optuna.Study) -> None:
     click.echo(f"best trial {best.number}: value {best.value:.4f}")
     for key, value in best.params.items():
         click.echo(f"  {key} = {_fmt(value)}")
-    test = best.user_attrs.get("test_acc", best.user_attrs.get("test_mse"))
+    task = study_task(study)
+    test = TrialRecord.of(best, task).test
     if test is not None:
-        click.echo(f"  test {study.user_attrs.get('metric', 'metric')}: {test:.4f}")
+        click.echo(f"  test {task.metric}: {test:.4f}")
 
 
 @main.command(name="list")
@@ -251,9 +294,14 @@ def list_() -> None:
     \b
         hpsearch list
     """
-    for title, registry in (("models", MODELS), ("datasets", DATASETS),
-                            ("optimizers", OPTIMIZERS), ("schedulers", SCHEDULERS),
-                            ("samplers", SAMPLERS), ("pruners", PRUNERS)):  # fmt: skip
+    for title, registry in (
+        ("models", MODELS),
+        ("datasets", DATASETS),
+        ("optimizers", OPTIMIZERS),
+        ("schedulers", SCHEDULERS),
+        ("samplers", SAMPLERS),
+        ("pruners", PRUNERS),
+    ):
         click.echo(f"{title}:")
         for name in registry.names():
             click.echo(f"  {name:<22} {registry.doc(name)}".rstrip())
@@ -294,9 +342,15 @@ def dashboard(storage: str | None, host: str, port: int) -> None:
 @main.command()
 @study_option
 @storage_option
-@click.option("-o", "--output", "out_dir", required=True, metavar="DIR",
-              type=click.Path(file_okay=False, writable=True),
-              help="Folder for the figures and report.md (created if missing).")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    metavar="DIR",
+    type=click.Path(file_okay=False, writable=True),
+    help="Folder for the figures and report.md (created if missing).",
+)
 @user_errors
 def report(study_name: str, storage: str | None, out_dir: str) -> None:
     """Write figures comparing the optimizers, and report.md, for a stored study.
@@ -310,29 +364,60 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
     """
     from pathlib import Path
 
-    from hpsearch.report import make_report
-    from hpsearch.storage import load_stored_study, open_artifacts
+    from hpsearch.report import ReportError, attach, make_report
+    from hpsearch.storage import StorageError, load_stored_study, open_artifacts
 
     study = load_stored_study(study_name, storage)
-    for path in make_report(study, Path(out_dir), open_artifacts(storage)):
+    files = make_report(study, Path(out_dir))
+    for path in files:
         click.echo(str(path))
-    click.echo(f"attached to study {study.study_name} as artifacts", err=True)
+    try:
+        attach(study.study_name, storage, files, open_artifacts(storage))
+    except (StorageError, ReportError) as exc:
+        click.echo(f"not attached to the study: {exc}", err=True)
+    else:
+        click.echo(f"attached to study {study.study_name} as artifacts", err=True)
 
 
 @main.command()
-@click.option("--study", "studies", multiple=True, metavar="NAME",
-              help="Stored study name; repeat for several (a study file path means its name).")  # fmt: skip
+@click.option(
+    "--study",
+    "studies",
+    multiple=True,
+    metavar="NAME",
+    help="Stored study name; repeat for several (a study file path means its name).",
+)
 @click.option("--all-studies", is_flag=True, help="Every study in the storage.")
 @storage_option
-@click.option("-o", "--output", default="-", show_default=True, metavar="FILE",
-              help="File to write (atomically); - is stdout.")  # fmt: skip
-@click.option("-f", "--format", "fmt", type=click.Choice(["csv", "md", "json"]), default=None,
-              help="Table format (default: from the output's extension, else csv).")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    default="-",
+    show_default=True,
+    metavar="FILE",
+    help="File to write (atomically); - is stdout.",
+)
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "md", "json"]),
+    default=None,
+    help="Table format (default: from the output's extension, else csv).",
+)
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the K best trials.")
-@click.option("--best-per", metavar="PARAM", default=None,
-              help="The best trial per value of PARAM, e.g. optimizer.name or data.batch_size.")  # fmt: skip
-@click.option("--trials", "every_trial", is_flag=True,
-              help="Every trial, pruned and failed ones too, with why it stopped.")  # fmt: skip
+@click.option(
+    "--best-per",
+    metavar="PARAM",
+    default=None,
+    help="The best trial per value of PARAM, e.g. optimizer.name or data.batch_size.",
+)
+@click.option(
+    "--trials",
+    "every_trial",
+    is_flag=True,
+    help="Every trial, pruned and failed ones too, with why it stopped.",
+)
 @user_errors
 def export(
     studies: tuple[str, ...],
@@ -400,9 +485,19 @@ def best(study_name: str, storage: str | None) -> None:
         hpsearch best --study quickstart > quickstart-best.toml
         hpsearch run --study quickstart-best.toml
     """
-    from hpsearch.export import best_toml, load_studies
+    from pathlib import Path
 
-    click.echo(best_toml(load_studies(storage, [study_name])[0]), nl=False)
+    from hpsearch.export import best_toml, source_differs
+    from hpsearch.storage import load_stored_study
+
+    study = load_stored_study(study_name, storage)
+    if study_name.endswith(".toml") and source_differs(study, Path(study_name)):
+        click.echo(
+            f"note: stored study {study.study_name!r} was made from a different file than "
+            f"{study_name}; this is its best trial",
+            err=True,
+        )
+    click.echo(best_toml(study), nl=False)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import urllib.request
 import optuna
 import optuna_dashboard
 
-from hpsearch.storage import StorageError, open_artifacts, open_existing_storage, resolve_url
+from hpsearch.storage import StorageError, artifact_dir, open_artifacts, open_readonly, resolve_url
 
 
 def spec_note(name: str, description: str, spec_source: str) -> str:
@@ -25,34 +25,23 @@ def spec_note(name: str, description: str, spec_source: str) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def write_spec_notes(storage: optuna.storages.BaseStorage) -> int:
-    """Make every study that has a ``spec_source`` user attr show its study file as its note.
-
-    A note is only written when it is missing or differs, so restarting the dashboard does not
-    bump note versions. Returns how many notes were written.
-    """
-    written = 0
-    for frozen in storage.get_all_studies():
-        source = frozen.user_attrs.get("spec_source")
-        if not isinstance(source, str):
-            continue
-        body = spec_note(frozen.study_name, str(frozen.user_attrs.get("description", "")), source)
-        study = optuna.load_study(study_name=frozen.study_name, storage=storage)
-        if optuna_dashboard.get_note(study) != body:
-            optuna_dashboard.save_note(study, body)
-            written += 1
-    return written
+def write_spec_note(study: optuna.Study, description: str, spec_source: str) -> None:
+    """Show ``study``'s study file as its note in the dashboard (written when ``hpsearch run`` creates it)."""
+    body = spec_note(study.study_name, description, spec_source)
+    if optuna_dashboard.get_note(study) != body:
+        optuna_dashboard.save_note(study, body)
 
 
 def serve(url: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve the dashboard for the studies at ``url`` on ``host:port`` until interrupted.
 
-    Blocks. Study notes are refreshed from the study files first; artifacts come from
-    ``open_artifacts(url)``.
+    Blocks. The storage is opened read-only: the dashboard shows studies, it never changes them
+    (a note or a deleted artifact made in the browser is refused). Report figures come from the
+    artifact folder of ``url`` where ``hpsearch report`` made one.
     """
-    storage = open_existing_storage(url)
-    artifacts = open_artifacts(url)
-    write_spec_notes(storage)
+    storage = open_readonly(url)
+    folder = artifact_dir(url)
+    artifacts = open_artifacts(url) if folder.is_dir() else None
     optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=artifacts)
 
 

@@ -13,7 +13,7 @@ import os
 import pickle
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpsearch.errors import HpsearchError
 from hpsearch.registry import Registry
+from hpsearch.task import CLASSIFICATION, REGRESSION, Task
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
 ENV_CACHE = "HPSEARCH_CACHE"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DataNotFound(Exception):
+class DataNotFound(HpsearchError):
     """No copy of a dataset could be found or fetched; the message names every option tried."""
 
 
@@ -41,7 +43,7 @@ class Dataset:
     """
 
     name: str
-    task: str
+    task: Task
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -94,8 +96,78 @@ def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tupl
     return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a dataset before it is loaded, so a study file can be checked against it."""
+
+    task: Task
+    outputs: int  # classes, or the size of a regression target
+    train_size: int  # examples in the training set (validation included) of the standard files
+    test_size: int
+    image_size: int | None = None  # the native square side; None for non-image data
+
+
 DatasetLoader = Callable[[Path | None], Dataset]
-DATASETS: Registry[DatasetLoader] = Registry("dataset", fixed=("data_dir",))
+DATASETS: Registry[DatasetLoader, DatasetFacts] = Registry("dataset", DatasetFacts, fixed=("data_dir",))
+# A study file may not search these: they define the split, and so the metric a trial is judged by.
+FIXED_PER_STUDY = {"searchable": False}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: which dataset, and how it is split, batched and augmented.
+
+    Construction checks every value's range, so a study file is refused at load, not a trial.
+    """
+
+    name: str
+    batch_size: int = 128
+    val_fraction: float = field(default=0.1, metadata=FIXED_PER_STUDY)
+    resize: int = 0  # 0: the native size
+    flip: bool = False  # random horizontal flips of training images
+    train_limit: int = field(default=0, metadata=FIXED_PER_STUDY)  # 0: all; else a seeded subset
+    test_limit: int = field(default=0, metadata=FIXED_PER_STUDY)
+
+    def __post_init__(self) -> None:
+        _at_least("batch_size", self.batch_size, 1)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
+        _at_least("resize", self.resize, 0)
+        _at_least("train_limit", self.train_limit, 0)
+        _at_least("test_limit", self.test_limit, 0)
+
+    def check_sizes(self, train_size: int, test_size: int) -> None:
+        """Raise ValueError unless the limits fit a dataset of these sizes and both splits are non-empty."""
+        if self.train_limit > train_size:
+            raise ValueError(
+                f"train_limit {self.train_limit} is more than the {train_size} training examples"
+            )
+        if self.test_limit > test_size:
+            raise ValueError(f"test_limit {self.test_limit} is more than the {test_size} test examples")
+        n = self.train_limit or train_size
+        n_val = math.floor(n * self.val_fraction)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(
+                f"val_fraction {self.val_fraction} of {n} examples leaves {n_val} for validation and "
+                f"{n - n_val} for training; both need at least one"
+            )
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{key} must be at least {low}, not {value}")
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """The batches of one epoch over ``n`` shuffled examples: the loop runs exactly these.
+
+    A last batch of one example is dropped (BatchNorm cannot train on it) unless it is the only one;
+    a per-batch schedule is sized from ``len()`` of this list.
+    """
+    slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(slices) > 1 and n % batch_size == 1:
+        slices.pop()
+    return slices
 
 
 def cache_dir() -> Path:
@@ -110,20 +182,23 @@ def load_dataset(name: str, data_dir: str | None = None, device: str = "cpu") ->
     return DATASETS[name](Path(root) if root else None).to(device)
 
 
+def subset(n: int, seed: int, limit: int = 0, device: str = "cpu") -> torch.Tensor:
+    """A seeded random ``limit`` of the indices ``0..n-1`` (all of them, shuffled, when ``limit`` is 0)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[: limit or n].to(device)
+
+
 def split(
-    n: int, val_fraction: float, seed: int, limit: int | None = None, device: str = "cpu"
+    n: int, val_fraction: float, seed: int, limit: int = 0, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded train/validation index split of the ``n`` training examples.
 
     ``limit`` keeps a seeded random subset of that many examples first (quick studies); the
-    test set is never part of it.
+    test set is never part of it. Sizes are checked by ``DataConfig.check_sizes``.
     """
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    if limit:
-        perm = perm[: min(limit, n)]
-    n_val = max(1, math.floor(len(perm) * val_fraction)) if val_fraction > 0 else 0
-    return perm[n_val:].to(device), perm[:n_val].to(device)
+    perm = subset(n, seed, limit, device)
+    n_val = math.floor(len(perm) * val_fraction)
+    return perm[n_val:], perm[:n_val]
 
 
 # The real on-disk formats.
@@ -187,7 +262,7 @@ def _mnist_family(
                 xs, ys, tx, ty = (read_idx(f) for f in files if f)
                 return Dataset(
                     name,
-                    "classification",
+                    CLASSIFICATION,
                     xs.unsqueeze(1),
                     ys.long(),
                     tx.unsqueeze(1),
@@ -215,13 +290,13 @@ def _mnist_family(
     )
 
 
-@DATASETS.register(task="classification", image_size=28)
+@DATASETS.register(task=CLASSIFICATION, outputs=10, train_size=60_000, test_size=10_000, image_size=28)
 def fashion_mnist(data_dir: Path | None) -> Dataset:
     """FashionMNIST, 28×28 grey clothing images, 10 classes (seed 004)."""
     return _mnist_family("fashion_mnist", "FashionMNIST", data_dir, (DEBIAN_FASHION_MNIST,), 0.2860, 0.3530)
 
 
-@DATASETS.register(task="classification", image_size=28)
+@DATASETS.register(task=CLASSIFICATION, outputs=10, train_size=60_000, test_size=10_000, image_size=28)
 def mnist(data_dir: Path | None) -> Dataset:
     """MNIST, 28×28 grey handwritten digits, 10 classes (seeds 000, 002)."""
     return _mnist_family("mnist", "MNIST", data_dir, (), 0.1307, 0.3081)
@@ -240,7 +315,7 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.copy()), torch.tensor(batch[b"labels"], dtype=torch.long)
 
 
-@DATASETS.register(task="classification", image_size=32)
+@DATASETS.register(task=CLASSIFICATION, outputs=10, train_size=50_000, test_size=10_000, image_size=32)
 def cifar10(data_dir: Path | None) -> Dataset:
     """CIFAR-10, 32×32 colour images, 10 classes, from the python pickle batches (seed 001)."""
     folders = [d for d in (data_dir, cache_dir() / "cifar10") if d is not None]
@@ -250,11 +325,16 @@ def cifar10(data_dir: Path | None) -> Dataset:
         if all((sub / n).is_file() for n in names):
             parts = [_read_cifar_batch(sub / n) for n in names]
             return Dataset(
-                "cifar10", "classification",
-                torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]]),
-                parts[5][0], parts[5][1], 10,
-                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-            )  # fmt: skip
+                "cifar10",
+                CLASSIFICATION,
+                torch.cat([p[0] for p in parts[:5]]),
+                torch.cat([p[1] for p in parts[:5]]),
+                parts[5][0],
+                parts[5][1],
+                10,
+                (0.4914, 0.4822, 0.4465),
+                (0.2470, 0.2435, 0.2616),
+            )
     try:
         import torchvision
 
@@ -270,7 +350,7 @@ def cifar10(data_dir: Path | None) -> Dataset:
     )
 
 
-@DATASETS.register(task="regression")
+@DATASETS.register(task=REGRESSION, outputs=1, train_size=1000, test_size=200)
 def toy_regression(data_dir: Path | None) -> Dataset:
     """Seed 003's toy regression: 1000 points x in [-1, 1], y = x² + 0.1·N(0, 1)."""
     g = torch.Generator().manual_seed(3)
@@ -278,10 +358,10 @@ def toy_regression(data_dir: Path | None) -> Dataset:
     y = x.pow(2) + 0.1 * torch.randn(x.shape, generator=g)
     tx = torch.rand(200, 1, generator=g) * 2 - 1
     ty = tx.pow(2) + 0.1 * torch.randn(tx.shape, generator=g)
-    return Dataset("toy_regression", "regression", x, y, tx, ty, 1)
+    return Dataset("toy_regression", REGRESSION, x, y, tx, ty, 1)
 
 
-@DATASETS.register(task="classification", image_size=28)
+@DATASETS.register(task=CLASSIFICATION, outputs=10, train_size=800, test_size=200, image_size=28)
 def synthetic(data_dir: Path | None) -> Dataset:
     """Small learnable 28×28 grey images, 10 classes, made on the fly: for tests and smoke runs."""
     g = torch.Generator().manual_seed(0)
@@ -293,4 +373,4 @@ def synthetic(data_dir: Path | None) -> Dataset:
         return (templates[y] + noise).clamp(0, 255).to(torch.uint8), y
 
     (xs, ys), (tx, ty) = make(800), make(200)
-    return Dataset("synthetic", "classification", xs, ys, tx, ty, 10, (0.5,), (0.3,))
+    return Dataset("synthetic", CLASSIFICATION, xs, ys, tx, ty, 10, (0.5,), (0.3,))

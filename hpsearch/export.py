@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -14,41 +12,41 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import tomlkit
 
-from hpsearch.optim import OPTIMIZERS
-from hpsearch.schema import SECTIONS
-from hpsearch.storage import open_existing_storage, resolve_url
+from hpsearch.errors import HpsearchError
+from hpsearch.record import SPEC, SPEC_SOURCE, TrialRecord, study_task
+from hpsearch.schema import SECTIONS, space_names, walk
+from hpsearch.spec import resolve
+from hpsearch.storage import atomic_write, load_stored_study, stored_study_names
+from hpsearch.task import Task
 
 FORMATS = ("csv", "md", "json")
 _COMPLETE, _PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 _MISSING = object()
 
 
-class ExportError(ValueError):
+class ExportError(HpsearchError):
     """A study, storage or parameter asked for does not exist; the message lists what does."""
 
 
 def load_studies(storage_url: str | None, names: Sequence[str] | None = None) -> list[optuna.Study]:
-    """The studies ``names`` (all of them when None) of a storage, which must already exist.
+    """The studies ``names`` (all of them when None) of a storage, opened read-only.
 
     A study file path stands for its name (the file's stem).
     """
-    names = list(dict.fromkeys(Path(n).stem if n.endswith(".toml") else n for n in names)) if names else None
-    url = resolve_url(storage_url)
-    storage = open_existing_storage(url)
-    known = [s.study_name for s in storage.get_all_studies()]
-    if not known:
-        raise ExportError(f"no studies in {url}")
-    for name in names or ():
-        if name not in known:
-            raise ExportError(f"no study named {name!r} in {url}; studies there: {', '.join(sorted(known))}")
-    return [optuna.load_study(study_name=n, storage=storage) for n in (names or known)]
+    if names:
+        return [load_stored_study(n, storage_url) for n in dict.fromkeys(names)]
+    found = stored_study_names(storage_url)
+    if not found:
+        raise ExportError("no studies in this storage yet; run one with `hpsearch run --study NAME`")
+    return [load_stored_study(n, storage_url) for n in found]
 
 
 def _keys(study: optuna.Study) -> tuple[str, str]:
     """Column names of the validation and test metric."""
-    kind = "mse" if study.user_attrs.get("metric") == "mse" else "acc"
-    return f"val_{kind}", f"test_{kind}"
+    task = study_task(study)
+    return task.val_key, task.test_key
 
 
 def _config(trial: optuna.trial.FrozenTrial) -> dict[str, dict[str, Any]]:
@@ -66,39 +64,79 @@ def _config(trial: optuna.trial.FrozenTrial) -> dict[str, dict[str, Any]]:
     return cfg
 
 
-def _optimizer_value(opt: dict[str, Any], key: str) -> Any:
-    """``opt[key]``, else torch's default for that optimizer: the value the trial really used."""
-    if key in opt:
-        return opt[key]
-    name = opt.get("name")
-    if isinstance(name, str) and name in OPTIMIZERS and key in OPTIMIZERS.params(name):
-        default = OPTIMIZERS.params(name)[key].default
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            return default
-    return None
+def param_columns(study: optuna.Study) -> list[str]:
+    """The searched parameters, in the study file's order (from its stored spec), then any others."""
+    stored = study.user_attrs.get(SPEC)
+    names: list[str] = []
+    if isinstance(stored, dict):
+        try:
+            names = space_names(walk(resolve(stored)))
+        except Exception:  # a spec from an older hpsearch: fall back to the trials' own params
+            names = []
+    seen = {p for t in study.get_trials(deepcopy=False) for p in t.params}
+    return [n for n in names if n in seen] + sorted(seen - set(names))
 
 
 def _columns(keys: tuple[str, str]) -> list[str]:
     """Seed 004's table columns, in its order, then what a search adds."""
-    return ["optimizer", "lr", "momentum", "weight_decay", "batch_size", "scheduler", "epochs_run", *keys,
-            "train_loss", "run_time_s", "examples_per_s", "trial"]  # fmt: skip
+    return [
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "batch_size",
+        "scheduler",
+        "epochs_run",
+        *keys,
+        "train_loss",
+        "run_time_s",
+        "examples_per_s",
+        "trial",
+    ]
 
 
-def _row(trial: optuna.trial.FrozenTrial, keys: tuple[str, str]) -> dict[str, Any]:
-    cfg, attrs = _config(trial), trial.user_attrs
+def _row(trial: optuna.trial.FrozenTrial, task: Task) -> dict[str, Any]:
+    keys = (task.val_key, task.test_key)
+    cfg, rec = _config(trial), TrialRecord.of(trial, task)
     opt = cfg.get("optimizer", {})
     values = [
-        opt.get("name"), _optimizer_value(opt, "lr"), _optimizer_value(opt, "momentum"),
-        _optimizer_value(opt, "weight_decay"), cfg.get("data", {}).get("batch_size"),
-        cfg.get("scheduler", {}).get("name"), attrs.get("epochs_run"), trial.value, attrs.get(keys[1]),
-        attrs.get("final_train_loss"), attrs.get("run_time_s"), attrs.get("examples_per_s"), trial.number,
-    ]  # fmt: skip
+        opt.get("name"),
+        opt.get("lr"),
+        opt.get("momentum"),
+        opt.get("weight_decay"),
+        cfg.get("data", {}).get("batch_size"),
+        cfg.get("scheduler", {}).get("name"),
+        rec.epochs_run,
+        trial.value,
+        rec.test,
+        rec.train_loss[-1] if rec.train_loss else None,
+        rec.run_time_s or None,
+        rec.examples_per_s,
+        trial.number,
+    ]
     return dict(zip(_columns(keys), values, strict=True))
 
 
-_NUMERIC = ("lr", "momentum", "weight_decay", "batch_size", "epochs_run", "val_acc", "val_mse", "test_acc",
-            "test_mse", "train_loss", "run_time_s", "examples_per_s", "trial", "value", "pruned_at_epoch",
-            "n_trials", "n_complete", "n_pruned")  # fmt: skip
+_NUMERIC = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs_run",
+    "val_acc",
+    "val_mse",
+    "test_acc",
+    "test_mse",
+    "train_loss",
+    "run_time_s",
+    "examples_per_s",
+    "trial",
+    "value",
+    "pruned_at_epoch",
+    "n_trials",
+    "n_complete",
+    "n_pruned",
+)
 
 
 def _frame(rows: list[dict[str, Any]], first: list[str]) -> pd.DataFrame:
@@ -128,10 +166,14 @@ def _ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(done, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
 
+def _params(trial: optuna.trial.FrozenTrial, columns: list[str]) -> dict[str, Any]:
+    return {c: trial.params.get(c) for c in columns}
+
+
 def best_table(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
     """Completed trials best first: seed 004's columns, then every sampled parameter."""
-    keys = _keys(study)
-    df = _frame([{**_row(t, keys), **t.params} for t in _ranked(study)], _columns(keys))
+    task, cols = study_task(study), param_columns(study)
+    df = _frame([{**_row(t, task), **_params(t, cols)} for t in _ranked(study)], _columns(_keys(study)))
     return df.head(top) if top else df
 
 
@@ -144,7 +186,7 @@ def _lookup(trial: optuna.trial.FrozenTrial, param: str) -> Any:
 
 def best_per(study: optuna.Study, param: str) -> pd.DataFrame:
     """The best completed trial for each value of ``param`` (a parameter or ``section.key``), best first."""
-    ranked, keys = _ranked(study), _keys(study)
+    ranked, task, cols = _ranked(study), study_task(study), param_columns(study)
     valid = {p for t in ranked for p in t.params}
     valid |= {f"{s}.{k}" for t in ranked for s, table in _config(t).items() for k in table}
     if param not in valid:
@@ -154,21 +196,22 @@ def best_per(study: optuna.Study, param: str) -> pd.DataFrame:
         value = _lookup(t, param)
         group = json.dumps(value, sort_keys=True, default=str)
         if value is not _MISSING and group not in rows:
-            rows[group] = {param: value, **_row(t, keys), **t.params}
-    return _frame(list(rows.values()), [param, *_columns(keys)])
+            rows[group] = {param: value, **_row(t, task), **_params(t, cols)}
+    return _frame(list(rows.values()), [param, *_columns(_keys(study))])
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial by number, pruned and failed ones too, with why it stopped."""
-    keys, rows = _keys(study), []
+    task, cols, rows = study_task(study), param_columns(study), []
     for t in study.get_trials(deepcopy=False):
-        attrs, steps = t.user_attrs, t.intermediate_values
-        # A diverged trial reports nothing: it stopped inside the epoch it was running.
-        pruned_at = (max(steps) if steps else attrs.get("epochs_run")) if t.state == _PRUNED else None
-        reason = attrs.get("stop_reason") or attrs.get("fail_reason")
+        rec = TrialRecord.of(t, task)
+        # The epoch it stopped in: after that epoch's validation (pruned), or inside it (diverged).
+        pruned_at = rec.stop_epoch if t.state == _PRUNED else None
         head = {"trial": t.number, "state": t.state.name.lower(), "value": t.value}
-        rows.append({**head, "pruned_at_epoch": pruned_at, "reason": reason, **_row(t, keys), **t.params})
-    return _frame(rows, ["trial", "state", "value", "pruned_at_epoch", "reason", *_columns(keys)])
+        rows.append(
+            {**head, "pruned_at_epoch": pruned_at, "reason": rec.reason, **_row(t, task), **_params(t, cols)}
+        )
+    return _frame(rows, ["trial", "state", "value", "pruned_at_epoch", "reason", *_columns(_keys(study))])
 
 
 def _name(value: Any) -> Any:
@@ -179,21 +222,23 @@ def studies_table(studies: Sequence[optuna.Study]) -> pd.DataFrame:
     """One row per study: its size and its best trial's columns (empty when none completed)."""
     rows = []
     for study in studies:
-        trials, spec = study.get_trials(deepcopy=False), study.user_attrs.get("spec", {})
+        trials, spec = study.get_trials(deepcopy=False), study.user_attrs.get(SPEC, {})
         try:
             best = _ranked(study)[0]
-            cfg, row = _config(best), _row(best, _keys(study))
+            cfg, row = _config(best), _row(best, study_task(study))
         except ExportError:
             cfg, row = {}, {}
-        rows.append({
-            "study": study.study_name,
-            "model": cfg.get("model", {}).get("name", _name(spec.get("model", {}).get("name"))),
-            "dataset": cfg.get("data", {}).get("name", _name(spec.get("data", {}).get("name"))),
-            "n_trials": len(trials),
-            "n_complete": sum(t.state == _COMPLETE for t in trials),
-            "n_pruned": sum(t.state == _PRUNED for t in trials),
-            **row,
-        })  # fmt: skip
+        rows.append(
+            {
+                "study": study.study_name,
+                "model": cfg.get("model", {}).get("name", _name(spec.get("model", {}).get("name"))),
+                "dataset": cfg.get("data", {}).get("name", _name(spec.get("data", {}).get("name"))),
+                "n_trials": len(trials),
+                "n_complete": sum(t.state == _COMPLETE for t in trials),
+                "n_pruned": sum(t.state == _PRUNED for t in trials),
+                **row,
+            }
+        )
     return _frame(rows, ["study", "model", "dataset", "n_trials", "n_complete", "n_pruned"])
 
 
@@ -234,65 +279,49 @@ def write_table(df: pd.DataFrame, target: str | Path, fmt: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path = Path(target)
-    if not path.parent.is_dir():
-        raise ExportError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ExportError(f"cannot write {path}: it is a folder")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # repr round-trips floats exactly and is valid TOML (1e-05, inf, nan)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return '"' + "".join(c if c >= " " and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped) + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise ExportError(f"cannot write {value!r} as a TOML value")
+    atomic_write(Path(target), text)
 
 
 def best_toml(study: optuna.Study) -> str:
-    """The best trial's configuration as study-file sections, every value fixed."""
+    """The best trial's configuration as a study file, every value fixed and its seed pinned."""
     best = _ranked(study)[0]
-    config = best.user_attrs.get("config")
-    if not isinstance(config, dict):
+    rec, task = TrialRecord.of(best, study_task(study)), study_task(study)
+    if not rec.config:
         raise ExportError(f"trial {best.number} of study {study.study_name!r} has no stored config")
-    test = best.user_attrs.get(_keys(study)[1])
-    spec = study.user_attrs.get("spec", {})
-    trial_seed = best.user_attrs.get("seed")
-    lines = [
-        f"# best trial {best.number} of study {study.study_name}: validation "
-        f"{study.user_attrs.get('metric', 'value')} {best.value!r}"
-        + (f", test {test!r}" if test is not None else ""),
-        "# every value fixed, the same data split and the trial's own seed: run it to retrain",
-        "",
-        "[study]",
-        f"description = {_toml(f'best trial {best.number} of {study.study_name}')}",
-        "n_trials = 1",
-        f"seed = {_toml(spec.get('study', {}).get('seed', 0))}",
-        'pruner = "none"',
-    ]
+    spec = study.user_attrs.get(SPEC, {})
+    doc = tomlkit.document()
+    test = f", test {task.metric} {rec.test!r}" if rec.test is not None else ""
+    doc.add(
+        tomlkit.comment(
+            f"best trial {best.number} of study {study.study_name}: validation "
+            f"{task.metric} {best.value!r}{test}"
+        )
+    )
+    doc.add(
+        tomlkit.comment("every value fixed, the same data split and the trial's own seed: run it to retrain")
+    )
+    head = tomlkit.table()
+    head["description"] = f"best trial {best.number} of {study.study_name}"
+    head["n_trials"] = 1
+    head["seed"] = spec.get("study", {}).get("seed", 0)
+    head["pruner"] = "none"
+    doc["study"] = head
     for section in SECTIONS[1:]:  # [study] is written above
-        if section in config:
-            values = dict(config[section])
-            if section == "train" and trial_seed is not None:
-                values["seed"] = trial_seed
-            items = sorted(
-                ((k, v) for k, v in values.items() if v is not None), key=lambda kv: kv[0] != "name"
-            )
-            lines += ["", f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in items)]
-    return "\n".join(lines) + "\n"
+        values = dict(rec.config.get(section, {}))
+        if section == "train" and rec.seed is not None:
+            values["seed"] = rec.seed
+        table = tomlkit.table()
+        for key, value in sorted(values.items(), key=lambda kv: kv[0] != "name"):
+            if value is not None:
+                table[key] = value
+        doc[section] = table
+    return tomlkit.dumps(doc)
+
+
+def source_differs(study: optuna.Study, path: Path) -> bool:
+    """True when ``study`` was made from a study file other than the one at ``path`` today."""
+    stored = study.user_attrs.get(SPEC_SOURCE)
+    try:
+        return stored is not None and path.read_text(encoding="utf-8") != stored
+    except (OSError, UnicodeDecodeError):
+        return True

@@ -6,6 +6,7 @@ arguments.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,16 +14,30 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpsearch.registry import Registry
+from hpsearch.task import CLASSIFICATION, REGRESSION, Task
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", fixed=("in_channels", "num_classes"))
-INITS = (
-    "default",
-    "xavier_uniform",
-    "xavier_normal",
-    "kaiming_uniform",
-    "kaiming_normal",
-    "constant",
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a study file is checked against before a model is built."""
+
+    input_size: int | None  # the square input side the network needs; None if any size works
+    task: Task = CLASSIFICATION
+
+
+MODELS: Registry[Callable[..., nn.Module], ModelFacts] = Registry(
+    "model", ModelFacts, fixed=("in_channels", "num_classes")
 )
+
+# Weight initialisations by name; "default" keeps PyTorch's own. The rest also zero the biases.
+INITS: dict[str, Callable[[torch.Tensor, float], object] | None] = {
+    "default": None,
+    "xavier_uniform": lambda w, _: nn.init.xavier_uniform_(w),
+    "xavier_normal": lambda w, _: nn.init.xavier_normal_(w),
+    "kaiming_uniform": lambda w, _: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "kaiming_normal": lambda w, _: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "constant": lambda w, value: nn.init.constant_(w, value),
+}
 
 
 def build_model(
@@ -43,109 +58,120 @@ def build_model(
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     model = MODELS[name](in_channels, num_classes, **kwargs)
-    if init == "default":
+    fill = INITS[init]
+    if fill is None:
         return model
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            _init_weight(module.weight, init, init_value)
+            fill(module.weight, init_value)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     return model
 
 
-def _init_weight(weight: torch.Tensor, init: str, value: float) -> None:
-    if init == "xavier_uniform":
-        nn.init.xavier_uniform_(weight)
-    elif init == "xavier_normal":
-        nn.init.xavier_normal_(weight)
-    elif init == "kaiming_uniform":
-        nn.init.kaiming_uniform_(weight, nonlinearity="relu")
-    elif init == "kaiming_normal":
-        nn.init.kaiming_normal_(weight, nonlinearity="relu")
-    else:
-        nn.init.constant_(weight, value)
+def _dropout(p: float) -> nn.Dropout:
+    """``nn.Dropout(p)`` for p in [0, 1): torch accepts 1, which zeroes every activation."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), not {p}")
+    return nn.Dropout(p)
 
 
-def input_size(name: str) -> int | None:
-    """The fixed square input side (pixels) that ``name`` needs, or None if it takes any size."""
-    MODELS[name]  # raises UnknownName with the valid names
-    size: int | None = MODELS.meta[name]["input_size"]
-    return size
+def _width(name: str, n: int) -> int:
+    """A layer width from a study file: torch builds a zero-wide layer that can learn nothing."""
+    if n < 1:
+        raise ValueError(f"{name} must be at least 1, not {n}")
+    return n
 
 
-def task(name: str) -> str:
-    """``"classification"`` or ``"regression"``: which loss and metric a trial of ``name`` uses."""
-    MODELS[name]
-    kind: str = MODELS.meta[name]["task"]
-    return kind
-
-
-@MODELS.register(input_size=28, task="classification")
+@MODELS.register(input_size=28)
 def lenet(in_channels: int, num_classes: int) -> nn.Module:
     """LeNet-5 with sigmoids and average pooling, 28×28 input (seed 004, d2l)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
+        nn.Sigmoid(),
         nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.Conv2d(6, 16, kernel_size=5),
+        nn.Sigmoid(),
         nn.AvgPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
-        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        nn.Sigmoid(),
         nn.Linear(84, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=224, task="classification")
+@MODELS.register(input_size=224)
 def alexnet(in_channels: int, num_classes: int, *, dropout: float = 0.5) -> nn.Module:
     """AlexNet, 224×224 input (seed 004, d2l)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1), nn.ReLU(),
+        nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(96, 256, kernel_size=5, padding=2), nn.ReLU(),
+        nn.Conv2d(96, 256, kernel_size=5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         nn.Flatten(),
-        nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(6400, 4096),
+        nn.ReLU(),
+        _dropout(dropout),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        _dropout(dropout),
         nn.Linear(4096, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=224, task="classification")
+@MODELS.register(input_size=224)
 def alexnet_small(in_channels: int, num_classes: int, *, dropout: float = 0.5) -> nn.Module:
     """Simplified AlexNet: four convs, 7×7 first kernel, two linears, 224×224 input (seed 004)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3), nn.ReLU(),
+        nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(64, 128, kernel_size=5, padding=2), nn.ReLU(),
+        nn.Conv2d(64, 128, kernel_size=5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(128, 256, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(128, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         nn.Flatten(),
-        nn.Linear(256 * 13 * 13, 1024), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(256 * 13 * 13, 1024),
+        nn.ReLU(),
+        _dropout(dropout),
         nn.Linear(1024, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=28, task="classification")
+@MODELS.register(input_size=28)
 def alexnet28(in_channels: int, num_classes: int, *, dropout: float = 0.5) -> nn.Module:
     """AlexNet-like net for 28×28 input: two convs, two linears (seed 004)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(in_channels, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 1024), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(64 * 7 * 7, 1024),
+        nn.ReLU(),
+        _dropout(dropout),
         nn.Linear(1024, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=224, task="classification")
+@MODELS.register(input_size=224)
 def vgg11(in_channels: int, num_classes: int, *, ratio: int = 4, dropout: float = 0.5) -> nn.Module:
     """VGG-11 with every channel count divided by ``ratio``, 224×224 input (seed 004, d2l)."""
     if ratio < 1 or 64 % ratio:
@@ -161,10 +187,14 @@ def vgg11(in_channels: int, num_classes: int, *, ratio: int = 4, dropout: float 
     return nn.Sequential(
         *blocks,
         nn.Flatten(),
-        nn.Linear(in_channels * 7 * 7, 4096), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(in_channels * 7 * 7, 4096),
+        nn.ReLU(),
+        _dropout(dropout),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        _dropout(dropout),
         nn.Linear(4096, num_classes),
-    )  # fmt: skip
+    )
 
 
 class _Residual(nn.Module):
@@ -189,7 +219,7 @@ class _Residual(nn.Module):
         return F.relu(y + shortcut)
 
 
-@MODELS.register(input_size=None, task="classification")
+@MODELS.register(input_size=None)
 def resnet18(in_channels: int, num_classes: int) -> nn.Module:
     """ResNet-18 with BatchNorm, any input size (seed 004, d2l)."""
     stem = nn.Sequential(
@@ -208,42 +238,50 @@ def resnet18(in_channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(stem, *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
 
 
-@MODELS.register(input_size=28, task="classification")
+@MODELS.register(input_size=28)
 def bn_cnn(in_channels: int, num_classes: int, *, hidden: int = 100) -> nn.Module:
     """Four stride-2 convs with BatchNorm, then two linears, 28×28 MNIST input (seed 000)."""
     convs = ((in_channels, 16, 3, 2, 1), (16, 32, 3, 2, 1), (32, 64, 3, 2, 1), (64, 64, 2, 2, 0))
     blocks = [nn.Sequential(nn.Conv2d(*c), nn.BatchNorm2d(c[1]), nn.ReLU()) for c in convs]
+    hidden = _width("hidden", hidden)
     # No activation between the two linears: the seed has none.
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(2 * 2 * 64, hidden), nn.Linear(hidden, num_classes))
 
 
-@MODELS.register(input_size=32, task="classification")
+@MODELS.register(input_size=32)
 def cifar_cnn(in_channels: int, num_classes: int, *, hidden: int = 64) -> nn.Module:
     """The "Zilliax" net: three 5×5 convs, max pooling, no activations, 32×32 input (seed 001)."""
+    hidden = _width("hidden", hidden)
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 5, padding=2), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 5, padding=2), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, 32, 5, padding=2),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 5, padding=2),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(1024, hidden),
         nn.Linear(hidden, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=28, task="classification")
+@MODELS.register(input_size=28)
 def mnist_cnn(in_channels: int, num_classes: int) -> nn.Module:
     """PaddlePaddle's MNIST tutorial net ported to PyTorch: two convs and one linear (seed 002)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 20, kernel_size=5, stride=1, padding=2), nn.ReLU(),
+        nn.Conv2d(in_channels, 20, kernel_size=5, stride=1, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(20, 20, kernel_size=5, stride=1, padding=2), nn.ReLU(),
+        nn.Conv2d(20, 20, kernel_size=5, stride=1, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
         nn.Linear(20 * 7 * 7, num_classes),
-    )  # fmt: skip
+    )
 
 
-@MODELS.register(input_size=None, task="regression")
+@MODELS.register(input_size=None, task=REGRESSION)
 def mlp(in_channels: int, num_classes: int, *, hidden: int = 10) -> nn.Module:
     """One-hidden-layer ReLU MLP for y = x² + noise; in_channels = features (seed 003)."""
+    hidden = _width("hidden", hidden)
     return nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))

@@ -1,7 +1,8 @@
-"""Optimizers and learning-rate schedulers by name."""
+"""Optimizers and learning-rate schedulers by name, and when each scheduler steps."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -9,9 +10,13 @@ from typing import Any, Literal
 import torch
 from torch.optim import lr_scheduler
 
-from hpsearch.registry import Registry
+from hpsearch.registry import NoFacts, Registry
 
-OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer", fixed=("params",))
+# Keyword arguments of torch's optimizers that are implementation switches, not hyperparameters.
+_NOT_SEARCHED = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize"})
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer], NoFacts] = Registry(
+    "optimizer", fixed=("params",), hidden=_NOT_SEARCHED
+)
 for _name, _cls in {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
@@ -24,15 +29,7 @@ for _name, _cls in {
     "radam": torch.optim.RAdam,
     "lbfgs": torch.optim.LBFGS,
 }.items():
-    OPTIMIZERS.add(_name, _cls)
-
-# Keyword arguments of torch's optimizers that are implementation switches, not hyperparameters.
-_NOT_SEARCHED = {"foreach", "fused", "differentiable", "capturable", "maximize"}
-
-
-def optimizer_params(name: str) -> set[str]:
-    """Hyperparameters a study file may set for optimizer ``name``."""
-    return set(OPTIMIZERS.params(name)) - _NOT_SEARCHED
+    OPTIMIZERS.register(_cls, name=_name)
 
 
 def build_optimizer(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -51,20 +48,58 @@ class Schedule:
     mode: Literal["min", "max"]  # "max" when the validation metric is an accuracy, "min" for a loss
 
 
+class Steps(enum.Enum):
+    """When a scheduler steps."""
+
+    BATCH = "after every batch"
+    EPOCH = "after every epoch"
+    METRIC = "after every epoch, on the validation metric"
+
+
+@dataclass(frozen=True)
+class SchedulerFacts:
+    steps: Steps = Steps.EPOCH
+
+
 Scheduler = lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau
-SCHEDULERS: Registry[Callable[..., Scheduler | None]] = Registry("scheduler", fixed=("optimizer", "run"))
+SCHEDULERS: Registry[Callable[..., Scheduler | None], SchedulerFacts] = Registry(
+    "scheduler", SchedulerFacts, fixed=("optimizer", "run")
+)
 
 
-def build_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, run: Schedule, **kwargs: Any
-) -> Scheduler | None:
-    """Scheduler ``name`` for ``optimizer``. ``onecycle`` steps per batch, ``plateau`` on the
-    validation metric, the rest once per epoch (see ``steps_per_batch``)."""
-    return SCHEDULERS[name](optimizer, run, **kwargs)
+@dataclass(frozen=True)
+class Stepper:
+    """A built scheduler and when it steps: the training loop calls both hooks and decides nothing."""
+
+    scheduler: Scheduler | None
+    steps: Steps
+
+    def after_batch(self) -> None:
+        if self.scheduler is not None and self.steps is Steps.BATCH:
+            self.scheduler.step()
+
+    def after_epoch(self, metric: float) -> None:
+        if self.scheduler is None:
+            return
+        if self.steps is Steps.METRIC:
+            self.scheduler.step(metric)  # type: ignore[arg-type]
+        elif self.steps is Steps.EPOCH:
+            self.scheduler.step()
 
 
-def steps_per_batch(scheduler: Scheduler | None) -> bool:
-    return isinstance(scheduler, lr_scheduler.OneCycleLR)
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, run: Schedule, **kwargs: Any) -> Stepper:
+    """Scheduler ``name`` for ``optimizer`` over ``run``, with when it steps.
+
+    ``run.steps_per_epoch`` must be the number of batches the loop really runs
+    (``len(datasets.batch_slices(...))``): a per-batch schedule is sized from it.
+    """
+    return Stepper(SCHEDULERS[name](optimizer, run, **kwargs), SCHEDULERS.facts(name).steps)
+
+
+def _positive(key: str, value: int | None) -> None:
+    # torch accepts 0 (or less) here and then divides by it, or never moves the rate.
+    if value is not None and value < 1:
+        raise ValueError(f"{key} must be at least 1, not {value}")
 
 
 @SCHEDULERS.register
@@ -78,6 +113,7 @@ def step(
     optimizer: torch.optim.Optimizer, run: Schedule, step_size: int = 4, gamma: float = 0.5
 ) -> Scheduler:
     """Multiply the rate by gamma every step_size epochs (StepLR; seed 003's 4 and 0.5)."""
+    _positive("step_size", step_size)
     return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 
 
@@ -89,6 +125,8 @@ def multistep(
     gamma: float = 0.5,
 ) -> Scheduler:
     """Multiply the rate by gamma at each milestone epoch (default: at 1/2 and 3/4 of the run)."""
+    for mark in milestones or ():
+        _positive("each milestone", mark)
     marks = milestones or [max(1, run.epochs // 2), max(1, 3 * run.epochs // 4)]
     return lr_scheduler.MultiStepLR(optimizer, milestones=sorted(set(marks)), gamma=gamma)
 
@@ -107,10 +145,13 @@ def cosine(
     eta_min: float = 0.0,
 ) -> Scheduler:
     """Cosine annealing to eta_min over T_max epochs (default: the whole run)."""
-    return lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_max or run.epochs, eta_min=eta_min)
+    _positive("T_max", T_max)
+    return lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=run.epochs if T_max is None else T_max, eta_min=eta_min
+    )
 
 
-@SCHEDULERS.register
+@SCHEDULERS.register(steps=Steps.METRIC)
 def plateau(
     optimizer: torch.optim.Optimizer,
     run: Schedule,
@@ -121,12 +162,16 @@ def plateau(
 ) -> Scheduler:
     """Cut the rate by factor when the validation metric stalls for patience epochs."""
     return lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=run.mode, factor=factor, patience=patience, threshold=threshold,
+        optimizer,
+        mode=run.mode,
+        factor=factor,
+        patience=patience,
+        threshold=threshold,
         min_lr=min_lr,
-    )  # fmt: skip
+    )
 
 
-@SCHEDULERS.register
+@SCHEDULERS.register(steps=Steps.BATCH)
 def onecycle(
     optimizer: torch.optim.Optimizer,
     run: Schedule,
@@ -137,15 +182,22 @@ def onecycle(
     cycle_momentum: bool = True,
 ) -> Scheduler:
     """One-cycle policy stepped every batch; max_lr defaults to the optimizer's lr."""
-    peak = max_lr or optimizer.param_groups[0]["lr"]
+    if max_lr is not None and not max_lr > 0:
+        raise ValueError(f"max_lr must be positive, not {max_lr}")
+    peak = optimizer.param_groups[0]["lr"] if max_lr is None else max_lr
     # Momentum is cycled against the rate only where the optimizer has one (not Adagrad, LBFGS).
     group = optimizer.param_groups[0]
     cycle = cycle_momentum and ("betas" in group or group.get("momentum", 0) > 0)
     return lr_scheduler.OneCycleLR(
         optimizer,
-        cycle_momentum=cycle, max_lr=peak, epochs=run.epochs, steps_per_epoch=run.steps_per_epoch,
-        pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
-    )  # fmt: skip
+        cycle_momentum=cycle,
+        max_lr=peak,
+        epochs=run.epochs,
+        steps_per_epoch=run.steps_per_epoch,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
 
 
 @SCHEDULERS.register
@@ -156,6 +208,7 @@ def warmup(
     start_factor: float = 0.1,
 ) -> Scheduler:
     """Linear warm-up from start_factor·lr to lr over warmup_epochs, then constant."""
+    _positive("warmup_epochs", warmup_epochs)
     return lr_scheduler.LinearLR(
         optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup_epochs
     )
@@ -169,4 +222,7 @@ def polynomial(
     total_iters: int | None = None,
 ) -> Scheduler:
     """Polynomial decay to zero over total_iters epochs (default: the whole run)."""
-    return lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters or run.epochs, power=power)
+    _positive("total_iters", total_iters)
+    return lr_scheduler.PolynomialLR(
+        optimizer, total_iters=run.epochs if total_iters is None else total_iters, power=power
+    )

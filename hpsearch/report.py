@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch.errors import HpsearchError
+from hpsearch.record import DESCRIPTION, SPEC, TrialRecord, study_task
+from hpsearch.storage import atomic_write, open_storage
+from hpsearch.task import CLASSIFICATION, Task
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -25,7 +29,7 @@ DPI = 120
 _ARTIFACT_PREFIX = "artifacts:"
 
 
-class ReportError(ValueError):
+class ReportError(HpsearchError):
     """No report can be made: unknown study, missing storage, or no trial that finished an epoch."""
 
 
@@ -48,17 +52,14 @@ class _Run:
         return f"{self.optimizer}{lr}" + ("" if self.complete else " (pruned)")
 
 
-def make_report(
-    study: optuna.Study, out_dir: Path, artifact_store: ArtifactStore | None = None
-) -> list[Path]:
-    """Write the figures and ``report.md`` into ``out_dir``; attach them to the study as artifacts.
+def make_report(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """Write the figures and ``report.md`` into ``out_dir`` and return the written files.
 
-    Returns the written files. Re-running overwrites the files and the study's previous report
-    artifacts in place (their ids are kept in the study user attr ``report_artifacts``).
+    Only reads the study: ``attach`` adds the files to it as artifacts.
     """
-    metric = "accuracy" if study.user_attrs.get("metric", "accuracy") == "accuracy" else "MSE"
-    key = "val_acc" if metric == "accuracy" else "val_mse"
-    runs = [r for t in study.get_trials(deepcopy=False) if (r := _run(t, key)) is not None]
+    task = study_task(study)
+    metric = "accuracy" if task is CLASSIFICATION else task.metric.upper()
+    runs = [r for t in study.get_trials(deepcopy=False) if (r := _run(t, task)) is not None]
     if not runs:
         raise ReportError(f"study {study.study_name!r} has no trial that finished an epoch yet")
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
@@ -73,11 +74,13 @@ def make_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, tuple[str, Figure | str]] = {
         "learning_curves.png": ("Learning curves", _curves(best, colors, ylabel, metric)),
-        "accuracy_vs_lr.png": (f"Final validation {metric} against learning rate",
-                               _vs_lr(runs, colors, ylabel, metric)),
+        "accuracy_vs_lr.png": (
+            f"Final validation {metric} against learning rate",
+            _vs_lr(runs, colors, ylabel, metric),
+        ),
         "history.png": ("Optimization history", _history(study, runs, sign, ylabel)),
         "importances.png": ("Parameter importances", _importances(study)),
-    }  # fmt: skip
+    }
     written, sections = [], []
     for filename, (title, fig) in figures.items():
         if isinstance(fig, str):
@@ -86,24 +89,19 @@ def make_report(
         _save(out_dir / filename, fig)
         written.append(out_dir / filename)
         sections.append(f"## {title}\n\n![{title}]({filename})\n")
-    md = _markdown(study, runs, best, metric, sections)
+    md = _markdown(study, task, runs, best, metric, sections)
     _write_text(out_dir / "report.md", md)
     written.append(out_dir / "report.md")
-    if artifact_store is not None:
-        attach(study, written, artifact_store)
     return written
 
 
-def _run(t: FrozenTrial, key: str) -> _Run | None:
-    val = t.user_attrs.get(key) or []
-    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not val:
+def _run(t: FrozenTrial, task: Task) -> _Run | None:
+    rec = TrialRecord.of(t, task)
+    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not rec.val:
         return None
-    opt = t.user_attrs.get("config", {}).get("optimizer", {})
+    opt = rec.config.get("optimizer", {})
     lr = opt.get("lr")
-    loss = [float(v) for v in t.user_attrs.get("train_loss") or []]
-    return _Run(
-        t, str(opt.get("name", "?")), None if lr is None else float(lr), [float(v) for v in val], loss
-    )
+    return _Run(t, str(opt.get("name", "?")), None if lr is None else float(lr), rec.val, rec.train_loss)
 
 
 def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
@@ -123,8 +121,11 @@ def _curves(best: dict[str, _Run], colors: dict[str, str], ylabel: str, metric: 
     losses = [v for r in best.values() for v in r.loss]
     # A log axis only pays off over a decade or more; below that its tick labels get cryptic.
     log = bool(losses) and min(losses) > 0 and max(losses) / min(losses) >= 10
-    loss.set(title="Training loss", xlabel="epoch",
-             ylabel=f"training loss ({loss_name}{', log scale' if log else ''})")  # fmt: skip
+    loss.set(
+        title="Training loss",
+        xlabel="epoch",
+        ylabel=f"training loss ({loss_name}{', log scale' if log else ''})",
+    )
     if log:
         loss.set_yscale("log")
     for ax in (acc, loss):
@@ -150,8 +151,11 @@ def _vs_lr(runs: list[_Run], colors: dict[str, str], ylabel: str, metric: str) -
                     xs, ys, s=60, marker=marker, color=colors[name], alpha=0.8, label=f"{name}, {state}"
                 )
     ax.set_xscale("log")
-    ax.set(title=f"Final validation {metric} against learning rate",
-           xlabel="learning rate (log scale)", ylabel=f"final {ylabel}")  # fmt: skip
+    ax.set(
+        title=f"Final validation {metric} against learning rate",
+        xlabel="learning rate (log scale)",
+        ylabel=f"final {ylabel}",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(title="optimizer, trial state", fontsize="small")
     return fig
@@ -172,8 +176,13 @@ def _history(study: optuna.Study, runs: list[_Run], sign: float, ylabel: str) ->
         xs = [r.trial.number for r in done] + [max(ended)]
         ax.step(xs, [*so_far, so_far[-1]], where="post", color="C3", label="best so far")
     if pruned:
-        ax.scatter([r.trial.number for r in pruned], [r.val[-1] for r in pruned], marker="x",
-                   color="grey", label="pruned (last epoch reached)")  # fmt: skip
+        ax.scatter(
+            [r.trial.number for r in pruned],
+            [r.val[-1] for r in pruned],
+            marker="x",
+            color="grey",
+            label="pruned (last epoch reached)",
+        )
     if lost:
         where = ax.get_xaxis_transform()  # x in data, y in axes units: a tick along the bottom
         lost_label = "no epoch finished (diverged or failed)"
@@ -216,17 +225,21 @@ def _importances(study: optuna.Study) -> Figure | str:
     for i, n in enumerate(names):
         ax.text(imp[n], i, f" {imp[n]:.3f}", va="center")
     ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
-    ax.set(title=f"Parameter importances (PED-ANOVA, {len(complete)} complete trials)",
-           xlabel="importance (normalized, sums to 1)", ylabel="parameter")  # fmt: skip
+    ax.set(
+        title=f"Parameter importances (PED-ANOVA, {len(complete)} complete trials)",
+        xlabel="importance (normalized, sums to 1)",
+        ylabel="parameter",
+    )
     ax.grid(alpha=0.3, axis="x")
     return fig
 
 
-def _markdown(study: optuna.Study, runs: list[_Run], best: dict[str, _Run], metric: str,
-              sections: list[str]) -> str:  # fmt: skip
+def _markdown(
+    study: optuna.Study, task: Task, runs: list[_Run], best: dict[str, _Run], metric: str, sections: list[str]
+) -> str:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
-    diverged = sum(str(t.user_attrs.get("stop_reason", "")).startswith("diverged") for t in trials)
+    diverged = sum(str(TrialRecord.of(t, task).stop_reason or "").startswith("diverged") for t in trials)
     line = (
         f"{len(trials)} trials: {count[TrialState.COMPLETE]} complete, "
         f"{count[TrialState.PRUNED]} pruned ({diverged} diverged), {count[TrialState.FAIL]} failed"
@@ -238,58 +251,62 @@ def _markdown(study: optuna.Study, runs: list[_Run], best: dict[str, _Run], metr
         line += f"; best validation {metric} {top.value:.4f} (trial {top.number})."
     else:
         line += "; no complete trial yet."
-    test = "test_acc" if metric == "accuracy" else "test_mse"
-    rows = [f"| optimizer | lr | val {metric} | test {metric} | epochs | run time (s) | trial |",
-            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        f"| optimizer | lr | val {metric} | test {metric} | epochs | run time (s) | trial |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in sorted(best.items()):
         if not r.complete:
             continue
-        a = r.trial.user_attrs
+        rec = TrialRecord.of(r.trial, task)
         lr = f"{r.lr:.4g}" if r.lr is not None else "default"
-        t = f"{a[test]:.4f}" if isinstance(a.get(test), (int, float)) else "–"
-        rows.append(f"| {name} | {lr} | {r.val[-1]:.4f} | {t} | {a.get('epochs_run', len(r.val))} | "
-                    f"{float(a.get('run_time_s', 0.0)):.1f} | {r.trial.number} |")  # fmt: skip
+        t = f"{rec.test:.4f}" if isinstance(rec.test, int | float) else "–"
+        rows.append(
+            f"| {name} | {lr} | {r.val[-1]:.4f} | {t} | {rec.epochs_run} | "
+            f"{rec.run_time_s:.1f} | {r.trial.number} |"
+        )
     no_complete = sorted(n for n, r in best.items() if not r.complete)
     if no_complete:
-        rows.append(f"\nNo complete trial for: {', '.join(no_complete)} (their best pruned trial is in the "
-                    "learning curves).")  # fmt: skip
-    desc = str(study.user_attrs.get("description", "")).strip()
+        rows.append(
+            f"\nNo complete trial for: {', '.join(no_complete)} (their best pruned trial is in the "
+            "learning curves)."
+        )
+    desc = str(study.user_attrs.get(DESCRIPTION, "")).strip()
     head = [f"# Report: {study.study_name}", desc, line, "## Best trial per optimizer", "\n".join(rows)]
     return "\n\n".join(p for p in head if p) + "\n\n" + "\n".join(sections)
 
 
 def _save(path: Path, fig: Figure) -> None:
-    _replace(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    atomic_write(path, buffer.getvalue())
 
 
 def _write_text(path: Path, text: str) -> None:
-    _replace(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, text)
 
 
-def _replace(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write beside ``path`` and rename over it, so no reader sees half a file."""
-    # Not mkstemp: its 0600 mode would stick to the report files.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def attach(study_name: str, url: str | None, files: list[Path], store: ArtifactStore) -> dict[str, str]:
+    """Attach ``files`` to the stored study ``study_name`` as artifacts, reusing this report's ids.
 
-
-def attach(study: optuna.Study, files: list[Path], store: ArtifactStore) -> dict[str, str]:
-    """Attach ``files`` to ``study`` as artifacts, reusing this report's earlier artifact ids.
-
-    Optuna has no call to delete an artifact's record: optuna-dashboard marks deleted ones with a
-    ``null`` record, which ``optuna.artifacts.get_all_artifact_meta`` then fails on. So a re-run
-    writes new content under the old id instead of deleting and uploading. Returns name → id.
+    Only a study hpsearch made (one that stores its spec) is written to; another program's study
+    raises ``ReportError`` and is left as it is. Optuna has no call to delete an artifact's record:
+    optuna-dashboard marks deleted ones with a ``null`` record, which
+    ``optuna.artifacts.get_all_artifact_meta`` then fails on. So a re-run writes new content under
+    the old id instead of deleting and uploading. Returns name → id.
     """
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if SPEC not in study.user_attrs:
+        raise ReportError(
+            f"study {study_name!r} was not made by hpsearch; its figures are not attached to it"
+        )
     # Read the records directly so that null (dashboard-deleted) records are skipped, not fatal.
     live: dict[str, str] = {}
-    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
-        meta = json.loads(value) if key.startswith(_ARTIFACT_PREFIX) else None
-        if isinstance(meta, dict):
+    system = storage.get_study_system_attrs(storage.get_study_id_from_name(study_name))
+    for key, value in system.items():
+        meta = json.loads(value) if key.startswith(_ARTIFACT_PREFIX) and isinstance(value, str) else value
+        if key.startswith(_ARTIFACT_PREFIX) and isinstance(meta, dict):
             live[key[len(_ARTIFACT_PREFIX) :]] = str(meta.get("filename"))
     previous = study.user_attrs.get(REPORT_ATTR)
     ids: dict[str, str] = dict(previous) if isinstance(previous, dict) else {}

@@ -1,49 +1,85 @@
-"""What a study file may contain, and the check that it does.
+"""What a study file may contain, the one walk over its search space, and the check that it is right.
 
-A section's keys are the keyword arguments of one builder. A value is fixed, or a search table that
-uses Optuna's argument names: ``{low, high[, log, step]}`` (ints give an int range) or
-``{choices = [...]}``. A sub-table named after a choice of ``name`` holds the keys that exist only
-for that choice. Every mistake is reported as a ``SpecError`` naming the file, the key and the
-valid values.
+Each section is the keyword arguments of one callable: ``[data]`` of ``DataConfig``, ``[model]``,
+``[optimizer]`` and ``[scheduler]`` of the registry entry their ``name`` picks, ``[train]`` of
+``TrainConfig``. A value is fixed, or a search table in Optuna's argument names:
+``{low, high[, log, step]}`` or ``{choices = [...]}``. A sub-table named after a choice of ``name``
+holds the keys of that choice only. The kind of each value (bool, int, float, str, list) comes from
+the callable's own signature, and every value or bound is tried on the callable itself (on dummy
+parameters, a model on the meta device) when the file loads, so a study either runs or is refused
+with one ``SpecError`` line that names the file, the key and the valid values.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hpsearch.datasets import DATASETS
-from hpsearch.models import INITS, MODELS, input_size
-from hpsearch.models import task as model_task
-from hpsearch.optim import OPTIMIZERS, SCHEDULERS, optimizer_params
-from hpsearch.registry import Registry
+import optuna
+import torch
+
+from hpsearch.datasets import DATASETS, DataConfig
+from hpsearch.errors import HpsearchError
+from hpsearch.models import INITS, MODELS, build_model
+from hpsearch.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
+from hpsearch.registry import Registry, keywords, sequence_length, value_kind
 from hpsearch.search import PRUNERS, SAMPLERS
 
 SECTIONS = ("study", "data", "model", "optimizer", "scheduler", "train")
-STUDY_KEYS: dict[str, Any] = {
-    "description": str, "direction": str, "n_trials": int, "timeout": float, "seed": int,
-    "sampler": dict, "pruner": dict,
-}  # fmt: skip
-DATA_DEFAULTS: dict[str, Any] = {
-    "name": None, "batch_size": 128, "val_fraction": 0.1, "resize": 0, "flip": False,
-    "train_limit": 0, "test_limit": 0,
-}  # fmt: skip
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "l1": 0.0,
-    "max_loss": 0.0,
-    "eval_batch_size": 1024,
-    "seed": None,  # None: derived from the study seed and the trial number
-}
-MODEL_DEFAULTS: dict[str, Any] = {"init": "default", "init_value": 0.0}
-# Keys that count things: a float there (batch_size = 1.5) is a mistake, not a value to round.
-_COUNTS = {"batch_size", "epochs", "train_limit", "test_limit", "eval_batch_size", "seed"}
 SEARCH_KEYS = {"low", "high", "log", "step", "choices"}
 
 
-class SpecError(Exception):
+class SpecError(HpsearchError):
     """A study file is wrong; the message names the file, the key and the valid values."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: how long and how carefully each trial trains. Construction checks the ranges."""
+
+    epochs: int = 10
+    l1: float = 0.0  # L1 penalty coefficient, added to the loss that is minimised
+    max_loss: float | None = None  # a batch's data loss above it stops the trial; None: the task's limit
+    eval_batch_size: int = 1024
+    seed: int | None = None  # None: derived from the study seed and the trial number
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, not {self.epochs}")
+        if not self.l1 >= 0:
+            raise ValueError(f"l1 must be 0 or more, not {self.l1}")
+        if self.max_loss is not None and not self.max_loss > 0:
+            raise ValueError(f"max_loss must be positive, not {self.max_loss}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, not {self.eval_batch_size}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be 0 or more, not {self.seed}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``[study]``: how the search runs. ``sampler`` and ``pruner`` are a name or ``{name = ..., args}``."""
+
+    description: str = ""
+    direction: str = ""  # the task's own direction; another one is refused
+    n_trials: int | None = None
+    timeout: float | None = None  # seconds
+    seed: int = 0
+    sampler: Any = "tpe"
+    pruner: Any = "median"
+
+    def __post_init__(self) -> None:
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ValueError(f"n_trials must be at least 1, not {self.n_trials}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be positive (seconds), not {self.timeout}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be 0 or more, not {self.seed}")
 
 
 def is_search(value: Any) -> bool:
@@ -56,6 +92,188 @@ def is_conditional(value: Any) -> bool:
 
 def named(value: Any) -> dict[str, Any]:
     return {"name": value} if isinstance(value, str) else dict(value)
+
+
+# The sections: the callable each one's keys are the arguments of, and how to try values on it.
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    registry: Registry[Any, Any] | None  # what ``name`` picks from; None: the section has no name
+    keywords: Callable[[str | None], dict[str, inspect.Parameter]]
+    # Build the callable on dummies with these values; raises what the callable raises.
+    trial: Callable[[str | None, dict[str, Any]], object]
+    default_name: str | None = None
+
+    def keys(self, name: str | None) -> dict[str, inspect.Parameter]:
+        return self.keywords(name)
+
+
+def _dataclass_keywords(cls: type) -> Callable[[str | None], dict[str, inspect.Parameter]]:
+    return lambda _: {k: p for k, p in keywords(cls).items() if k != "name"}
+
+
+def _fixed_per_study(key: str) -> bool:
+    return any(f.name == key and f.metadata.get("searchable") is False for f in fields(DataConfig))
+
+
+def _try_data(name: str | None, values: dict[str, Any]) -> object:
+    config = DataConfig(name=str(name), **values)
+    facts = DATASETS.facts(str(name))
+    config.check_sizes(facts.train_size, facts.test_size)
+    return config
+
+
+def _model_keywords(name: str | None) -> dict[str, inspect.Parameter]:
+    own = {k: p for k, p in keywords(build_model).items() if k not in ("name", "in_channels", "num_classes")}
+    return {**MODELS.params(str(name)), **{k: p for k, p in own.items() if p.kind is p.KEYWORD_ONLY}}
+
+
+def _try_model(name: str | None, values: dict[str, Any]) -> object:
+    # The meta device builds the layers' shapes without allocating or initialising any memory.
+    with torch.device("meta"):
+        return build_model(str(name), 1, 10, **values)
+
+
+def _dummy_optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def _try_optimizer(name: str | None, values: dict[str, Any]) -> object:
+    return build_optimizer(str(name), [torch.zeros(1, requires_grad=True)], **values)
+
+
+def _try_scheduler(name: str | None, values: dict[str, Any]) -> object:
+    return build_scheduler(str(name), _dummy_optimizer(), Schedule(10, 10, "max"), **values)
+
+
+SECTION_TABLE: dict[str, Section] = {
+    s.title: s
+    for s in (
+        Section("data", DATASETS, _dataclass_keywords(DataConfig), _try_data),
+        Section("model", MODELS, _model_keywords, _try_model),
+        Section("optimizer", OPTIMIZERS, lambda n: OPTIMIZERS.params(str(n)), _try_optimizer),
+        Section("scheduler", SCHEDULERS, lambda n: SCHEDULERS.params(str(n)), _try_scheduler, "none"),
+        Section("train", None, _dataclass_keywords(TrainConfig), lambda _, v: TrainConfig(**v)),
+    )
+}
+
+
+# The search space as a tree: sections → name → the keys every choice takes and each choice's own.
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a study file: fixed or searched, in ``section``, for every choice or for ``choice``."""
+
+    section: str
+    key: str
+    choice: str | None
+    value: Any
+    kind: type | None  # from the callable's signature; None where it does not say
+
+    @property
+    def name(self) -> str:
+        """``section.key`` or ``section.choice.key``: the name in trial.params and export columns."""
+        return ".".join(p for p in (self.section, self.choice, self.key) if p)
+
+    @property
+    def searched(self) -> bool:
+        return is_search(self.value)
+
+    def candidates(self) -> list[Any]:
+        """The values to try at load: every choice, both bounds of a range, or the fixed value."""
+        if not self.searched:
+            return [self.value]
+        if "choices" in self.value:
+            return list(self.value["choices"])
+        return [self._cast(self.value["low"]), self._cast(self.value["high"])]
+
+    def _cast(self, v: Any) -> Any:
+        return float(v) if self.is_float_range else v
+
+    @property
+    def is_float_range(self) -> bool:
+        """A range searched as floats: the callable takes a float, or a bound is spelled as one."""
+        bounds = [self.value[k] for k in ("low", "high", "step") if k in self.value]
+        return self.kind is float or (self.kind is None and any(isinstance(b, float) for b in bounds))
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """The trial's value: fixed, or suggested under ``name`` with Optuna's matching call."""
+        v = self.value
+        if not self.searched:
+            return v
+        if "choices" in v:
+            return trial.suggest_categorical(self.name, v["choices"])
+        if self.is_float_range:
+            step = float(v["step"]) if "step" in v else None
+            return trial.suggest_float(
+                self.name, float(v["low"]), float(v["high"]), step=step, log=v.get("log", False)
+            )
+        return trial.suggest_int(
+            self.name, v["low"], v["high"], step=v.get("step", 1), log=v.get("log", False)
+        )
+
+
+@dataclass(frozen=True)
+class SectionSpace:
+    """One section's tree: its ``name`` (fixed or choices), the keys all choices take, each choice's own."""
+
+    section: Section
+    name: Param | None
+    common: tuple[Param, ...]
+    branches: dict[str, tuple[Param, ...]]
+
+    def choices(self) -> list[Any]:
+        return [None] if self.name is None else self.name.candidates()
+
+    def params(self, choice: Any) -> tuple[Param, ...]:
+        """The keys a trial that picked ``choice`` sets, common ones first."""
+        return self.common + self.branches.get(choice, ())
+
+    def every_param(self) -> Iterator[Param]:
+        if self.name is not None:
+            yield self.name
+        yield from self.common
+        for params in self.branches.values():
+            yield from params
+
+
+def walk(raw: dict[str, Any]) -> dict[str, SectionSpace]:
+    """The search-space tree of a structurally valid study file: sampling, the grid, the checks
+    and export's columns all walk this."""
+    out: dict[str, SectionSpace] = {}
+    for title, section in SECTION_TABLE.items():
+        table = raw.get(title, {})
+        name = table.get("name", section.default_name)
+        name_param = None if section.registry is None else Param(title, "name", None, name, str)
+        names = name_param.candidates() if name_param else [None]
+        common, branches = [], {}
+        for key, value in table.items():
+            if key == "name":
+                continue
+            if is_conditional(value) and key in names:
+                kinds = section.keys(key)
+                branches[key] = tuple(
+                    Param(title, sub, key, v, _kind(kinds.get(sub))) for sub, v in value.items()
+                )
+            else:
+                common.append(Param(title, key, None, value, _kind(section.keys(names[0]).get(key))))
+        out[title] = SectionSpace(section, name_param, tuple(common), branches)
+    return out
+
+
+def _kind(param: inspect.Parameter | None) -> type | None:
+    return value_kind(param) if param is not None else None
+
+
+def space_names(space: dict[str, SectionSpace]) -> list[str]:
+    """Every searched parameter's name, in file order: the columns of a trial's sampled values."""
+    return [p.name for s in space.values() for p in s.every_param() if p.searched]
+
+
+# Validation.
 
 
 def validate(path: Path, raw: dict[str, Any]) -> None:
@@ -71,54 +289,62 @@ class _Validator:
         return SpecError(f"{self.path}: {where}: {message}")
 
     def check(self, raw: dict[str, Any]) -> None:
-        for section, table in raw.items():
-            if section not in SECTIONS:
-                raise self.fail(f"[{section}]", f"unknown section; valid: {', '.join(SECTIONS)}")
+        for title, table in raw.items():
+            if title not in SECTIONS:
+                raise self.fail(f"[{title}]", f"unknown section; valid: {', '.join(SECTIONS)}")
             if not isinstance(table, dict):
-                raise self.fail(section, "must be a table ([section] header)")
+                raise self.fail(title, "must be a table ([section] header)")
         for section in ("data", "model", "optimizer"):
             if "name" not in raw.get(section, {}):
                 raise self.fail(f"{section}.name", f"missing; set [{section}] name = ...")
-        self.check_study(raw.get("study", {}))
-        data = raw["data"]
-        if not isinstance(data["name"], str):
+        data = raw["data"]["name"]
+        if not isinstance(data, str):
             raise self.fail("data.name", f"must be one dataset name; valid: {_valid(DATASETS)}")
-        if data["name"] not in DATASETS:
-            raise self.fail("data.name", f"unknown dataset {data['name']!r}; valid: {_valid(DATASETS)}")
-        self.check_section("data", data, DATASETS, lambda _: set(DATA_DEFAULTS), DATA_DEFAULTS)
-        self.check_section("train", raw.get("train", {}), None, lambda _: set(TRAIN_DEFAULTS),
-                           TRAIN_DEFAULTS)  # fmt: skip
-        self.check_section("model", raw["model"], MODELS,
-                           lambda m: set(MODELS.params(m)) | set(MODEL_DEFAULTS))  # fmt: skip
-        self.check_section("optimizer", raw["optimizer"], OPTIMIZERS, optimizer_params)
-        self.check_section("scheduler", raw.get("scheduler", {}), SCHEDULERS,
-                           lambda s: set(SCHEDULERS.params(s)))  # fmt: skip
-        self.check_fit(raw)
-        if named(raw.get("study", {}).get("sampler", "tpe"))["name"] == "grid":
-            self.check_grid(raw)
+        if data not in DATASETS:
+            raise self.fail("data.name", f"unknown dataset {data!r}; valid: {_valid(DATASETS)}")
+        self.check_study(raw.get("study", {}), data)
+        for title, part in SECTION_TABLE.items():
+            self.check_structure(part, raw.get(title, {}))
+        space = walk(raw)
+        for s in space.values():
+            self.check_params(s)
+        self.check_fit(raw, space)
+        for s in space.values():
+            self.check_builds(s)
+        if SAMPLERS.facts(named(raw.get("study", {}).get("sampler", "tpe"))["name"]).enumerates:
+            for p in (p for s in space.values() for p in s.every_param()):
+                if p.searched and "choices" not in p.value:
+                    raise self.fail(p.name, "the grid sampler needs {choices = [...]}, not a range")
 
-    def check_study(self, study: dict[str, Any]) -> None:
+    def check_study(self, study: dict[str, Any], data: str) -> None:
+        keys = keywords(StudyConfig)
         for key, value in study.items():
-            if key not in STUDY_KEYS:
-                raise self.fail(f"study.{key}", f"unknown key; valid: {', '.join(STUDY_KEYS)}")
-            want = STUDY_KEYS[key]
-            if want is dict and isinstance(value, str):
-                value = {"name": value}
-            if not _is_type(value, want):
-                raise self.fail(f"study.{key}", f"must be {_type_name(want)}, not {value!r}")
-        if study.get("direction", "maximize") not in ("maximize", "minimize"):
-            raise self.fail("study.direction", "must be 'maximize' or 'minimize'")
-        if study.get("n_trials", 1) < 1:
-            raise self.fail("study.n_trials", "must be at least 1")
+            if key not in keys:
+                raise self.fail(f"study.{key}", f"unknown key; valid: {', '.join(keys)}")
+            if key in ("sampler", "pruner"):
+                if not isinstance(value, str | dict):
+                    raise self.fail(
+                        f"study.{key}", f'must be a name or a table like {{name = "..."}}, not {value!r}'
+                    )
+            else:
+                self.check_value(f"study.{key}", value, _kind(keys[key]))
+        try:
+            StudyConfig(**study)
+        except ValueError as exc:
+            raise self.fail("study." + str(exc).split()[0], str(exc)) from None
+        direction = DATASETS.facts(data).task.direction
+        if study.get("direction", direction) != direction:
+            metric = DATASETS.facts(data).task.metric_label
+            raise self.fail("study.direction", f"the metric is {metric}; direction must be {direction!r}")
         self.check_builder("study.sampler", named(study.get("sampler", "tpe")), SAMPLERS)
         self.check_builder("study.pruner", named(study.get("pruner", "median")), PRUNERS)
 
-    def check_builder(self, where: str, table: dict[str, Any], registry: Registry[Any]) -> None:
+    def check_builder(self, where: str, table: dict[str, Any], registry: Registry[Any, Any]) -> None:
         name = table.get("name")
         if not isinstance(name, str) or name not in registry:
             raise self.fail(f"{where}.name", f"unknown {registry.kind} {name!r}; valid: {_valid(registry)}")
-        allowed = set(registry.params(name))
-        nested = registry.meta[name].get("nested")
+        allowed = registry.params(name)
+        nested = getattr(registry.facts(name), "nested", None)
         for key, value in table.items():
             if key == "name":
                 continue
@@ -127,101 +353,120 @@ class _Validator:
                     raise self.fail(f"{where}.{key}", 'must be a table like {name = "median"}')
                 self.check_builder(f"{where}.{key}", value, registry)
             elif key not in allowed:
-                valid = sorted(allowed | ({nested} if nested else set()))
+                valid = sorted(set(allowed) | ({nested} if nested else set()))
                 raise self.fail(
-                    f"{where}.{key}",
-                    f"not an argument of {registry.kind} {name}; valid: {', '.join(valid)}",
+                    f"{where}.{key}", f"not an argument of {registry.kind} {name}; valid: {', '.join(valid)}"
                 )
-        required = [k for k, p in registry.params(name).items() if p.default is p.empty and k not in table]
+            elif not isinstance(value, dict):
+                self.check_value(f"{where}.{key}", value, _kind(allowed[key]))
+        required = [k for k, p in allowed.items() if p.default is p.empty and k not in table]
         if required:
-            raise self.fail(f"{where}.{required[0]}", f"missing; {registry.kind} {name} requires "
-                            f"{', '.join(required)}")  # fmt: skip
+            raise self.fail(
+                f"{where}.{required[0]}", f"missing; {registry.kind} {name} requires {', '.join(required)}"
+            )
 
-    def check_section(
-        self,
-        section: str,
-        table: dict[str, Any],
-        registry: Registry[Any] | None,
-        keys_of: Any,
-        defaults: dict[str, Any] | None = None,
-    ) -> None:
-        name = table.get("name", "none" if section == "scheduler" else None)
-        if isinstance(name, dict):
-            self.check_search(f"{section}.name", name, None)
-            if "choices" not in name:
-                raise self.fail(f"{section}.name", "a name can only be searched with {choices = [...]}")
+    def check_structure(self, section: Section, table: dict[str, Any]) -> None:
+        """``name`` and every key known; sub-tables only for offered choices; no key set twice."""
+        title = section.title
+        name = table.get("name", section.default_name)
+        if section.registry is None:
+            names: list[Any] = [None]
+            if "name" in table:
+                raise self.fail(f"{title}.name", f"unknown key; valid: {', '.join(section.keys(None))}")
+        elif isinstance(name, dict):
+            if set(name) != {"choices"}:
+                raise self.fail(f"{title}.name", "a name can only be searched with {choices = [...]}")
+            self.check_search(f"{title}.name", name, str)
             names = list(name["choices"])
         else:
             names = [name]
-        if registry is not None:
+        if section.registry is not None:
             for n in names:
-                if not isinstance(n, str) or n not in registry:
+                if n not in section.registry:
                     raise self.fail(
-                        f"{section}.name",
-                        f"unknown {registry.kind} {n!r}; valid: {_valid(registry)}",
+                        f"{title}.name",
+                        f"unknown {section.registry.kind} {n!r}; valid: {_valid(section.registry)}",
                     )
         for key, value in table.items():
-            where = f"{section}.{key}"
+            where = f"{title}.{key}"
             if key == "name":
                 continue
-            if is_conditional(value):
-                if registry is None or key not in registry:
-                    raise self.fail(where, "a table must be {low, high[, log, step]}, {choices = [...]}"
-                                    " or a sub-table named after a choice of name")  # fmt: skip
-                if key not in names:
-                    raise self.fail(where, f"a table for {key!r}, which {section}.name does not offer"
-                                    f" (offered: {', '.join(map(str, names))})")  # fmt: skip
-                for sub, v in value.items():
-                    self.check_key(f"{section}.{key}.{sub}", sub, v, [key], registry, keys_of, defaults)
-                continue
-            missing = [n for n in names if key not in keys_of(n)]
-            if missing:
-                valid = sorted(set.intersection(*(set(keys_of(n)) for n in names)))
-                hint = (
-                    f"; put it in [{section}.<name>] for the choices that take it" if len(names) > 1 else ""
+            if is_conditional(value) and not (section.registry and key in section.registry):
+                raise self.fail(
+                    where,
+                    "a table must be {low, high[, log, step]}, {choices = [...]}"
+                    " or a sub-table named after a choice of name",
                 )
-                raise self.fail(where, f"unknown key for {', '.join(map(str, missing))}; valid: "
-                                f"{', '.join(valid)}{hint}")  # fmt: skip
-            self.check_key(where, key, value, names, registry, keys_of, defaults)
+            if is_conditional(value):
+                if key not in names:
+                    raise self.fail(
+                        where,
+                        f"a table for {key!r}, which {title}.name does not offer"
+                        f" (offered: {', '.join(map(str, names))})",
+                    )
+                valid = section.keys(key)
+                for sub in value:
+                    if sub not in valid:
+                        raise self.fail(f"{where}.{sub}", f"unknown key; valid: {', '.join(sorted(valid))}")
+                    if sub in table:
+                        raise self.fail(
+                            f"{where}.{sub}",
+                            f"also set in [{title}]; a key belongs either to every choice ([{title}]) "
+                            f"or to one ([{where}]), not both",
+                        )
+                continue
+            missing = [n for n in names if key not in section.keys(n)]
+            if missing:
+                valid_keys = sorted(set.intersection(*(set(section.keys(n)) for n in names)))
+                hint = f"; put it in [{title}.<name>] for the choices that take it" if len(names) > 1 else ""
+                for_ = f" for {', '.join(map(str, missing))}" if missing != [None] else ""
+                raise self.fail(where, f"unknown key{for_}; valid: {', '.join(valid_keys)}{hint}")
 
-    def check_key(self, where: str, key: str, value: Any, names: list[Any],
-                  registry: Registry[Any] | None, keys_of: Any,
-                  defaults: dict[str, Any] | None) -> None:  # fmt: skip
-        if registry is not None and key not in keys_of(names[0]):
-            raise self.fail(where, f"unknown key; valid: {', '.join(sorted(keys_of(names[0])))}")
-        default = (defaults or {}).get(key, MODEL_DEFAULTS.get(key))
-        if default is None and registry is not None and key in registry.params(names[0]):
-            default = registry.params(names[0])[key].default
-        if is_search(value):
-            self.check_search(where, value, default)
-            given = value.get("choices") or [value[k] for k in ("low", "high", "step") if k in value]
-        elif isinstance(value, dict):
-            raise self.fail(where, "a table must be {low, high[, log, step]} or {choices = [...]}")
-        else:
-            self.check_value(where, value, default)
-            given = [value]
-        if key in _COUNTS and not all(isinstance(v, int) for v in given):
-            raise self.fail(where, f"{key} counts things and must be an integer, not {value!r}")
-        for v in given if key == "init" else ():
-            if v not in INITS:
-                raise self.fail(where, f"unknown init {v!r}; valid: {', '.join(INITS)}")
+    def check_params(self, space: SectionSpace) -> None:
+        for p in space.every_param():
+            if p.key == "name":
+                continue
+            if p.section == "data" and p.searched and _fixed_per_study(p.key):
+                raise self.fail(
+                    p.name,
+                    f"{p.key} defines the data every trial is judged on and cannot "
+                    "be searched; set one value",
+                )
+            if p.searched:
+                self.check_search(p.name, p.value, p.kind)
+            elif isinstance(p.value, dict):
+                raise self.fail(p.name, "a table must be {low, high[, log, step]} or {choices = [...]}")
+            else:
+                self.check_value(p.name, p.value, p.kind)
+            if p.key == "init":
+                for v in p.candidates():
+                    if v not in INITS:
+                        raise self.fail(p.name, f"unknown init {v!r}; valid: {', '.join(INITS)}")
+            length = sequence_length(space.section.keys(p.choice or space.choices()[0])[p.key])
+            for v in p.candidates() if length else ():
+                if len(v) != length:
+                    raise self.fail(p.name, f"needs {length} values, not {len(v)} ({v!r})")
 
-    def check_value(self, where: str, value: Any, default: Any) -> None:
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int | float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            expected = type(default).__name__
-            raise self.fail(where, f"{value!r} has the wrong type; expected a {expected} like {default!r}")
+    def check_value(self, where: str, value: Any, kind: type | None) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(where, "must be a finite number")
+        if kind is None:
+            return
+        if kind is int and isinstance(value, float):
+            raise self.fail(
+                where, f"{where.rsplit('.', 1)[-1]} counts things and must be an integer, not {value!r}"
+            )
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            str: isinstance(value, str),
+            list: isinstance(value, list),
+        }[kind]
+        if not ok:
+            raise self.fail(where, f"{value!r} has the wrong type; expected {_KIND_NAMES[kind]}")
 
-    def check_search(self, where: str, table: dict[str, Any], default: Any) -> None:
+    def check_search(self, where: str, table: dict[str, Any], kind: type | None) -> None:
         if "choices" in table:
             if set(table) != {"choices"}:
                 raise self.fail(where, "{choices = [...]} takes no other keys")
@@ -231,81 +476,140 @@ class _Validator:
             for c in choices:
                 if not isinstance(c, str | int | float | bool):
                     raise self.fail(where, f"choice {c!r}: choices must be strings, numbers or booleans")
-                if default is not None:
-                    self.check_value(where, c, default)
+                self.check_value(where, c, kind)
+            if len({repr(c) for c in choices}) != len(choices):
+                raise self.fail(where, f"choices repeat a value: {choices!r}")
             return
         if "low" not in table or "high" not in table:
             raise self.fail(where, "a range needs low and high, e.g. {low = 1e-4, high = 0.1, log = true}")
-        low, high = table["low"], table["high"]
+        if kind in (bool, str, list):
+            raise self.fail(where, f"{_KIND_NAMES[kind]} cannot be a range; use {{choices = [...]}}")
         for k in ("low", "high", "step"):
             v = table.get(k, 1)
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise self.fail(f"{where}.{k}", f"must be a number, not {v!r}")
-        if isinstance(default, bool | str):
-            raise self.fail(where, f"a {type(default).__name__} cannot be a range; use {{choices = [...]}}")
+            self.check_value(f"{where}.{k}", v, None)
+            if kind is int and isinstance(v, float):
+                raise self.fail(
+                    where, f"{where.rsplit('.', 1)[-1]} counts things and must be an integer, not {v!r}"
+                )
+        low, high = table["low"], table["high"]
         if low > high:
             raise self.fail(where, f"low ({low}) is greater than high ({high})")
         if not isinstance(table.get("log", False), bool):
             raise self.fail(f"{where}.log", "must be true or false")
         if table.get("log") and low <= 0:
             raise self.fail(where, f"a log range needs low > 0 (got {low})")
-        if table.get("log") and "step" in table:
-            raise self.fail(where, "a range cannot have both log and step")
-        if "step" in table and table["step"] <= 0:
-            raise self.fail(f"{where}.step", "must be positive")
+        if "step" in table:
+            step = table["step"]
+            if table.get("log"):
+                raise self.fail(where, "a range cannot have both log and step")
+            if step <= 0:
+                raise self.fail(f"{where}.step", "must be positive")
+            spans = (high - low) / step
+            if abs(spans - round(spans)) > 1e-9 * max(1.0, spans):
+                top = low + math.floor(spans) * step
+                raise self.fail(
+                    f"{where}.step",
+                    f"{step} does not divide the range {low}..{high} (the "
+                    f"largest value would be {top:.6g}); make high - low a multiple of step",
+                )
 
-    def check_fit(self, raw: dict[str, Any]) -> None:
-        data = raw["data"]
-        dtask = DATASETS.meta[data["name"]]["task"]
-        direction = raw.get("study", {}).get("direction")
-        expected = "maximize" if dtask == "classification" else "minimize"
-        if direction and direction != expected:
-            metric = "validation accuracy" if dtask == "classification" else "validation MSE"
-            raise self.fail("study.direction", f"the metric is {metric}; direction must be {expected!r}")
-        name = raw["model"]["name"]
-        native = DATASETS.meta[data["name"]].get("image_size")
-        resize = data.get("resize")
-        sizes = (
-            [r or native for r in resize["choices"]]
-            if is_search(resize) and "choices" in resize
-            else [resize or native]
-        )
-        for m in name["choices"] if is_search(name) else [name]:
-            if model_task(m) != dtask:
+    def check_fit(self, raw: dict[str, Any], space: dict[str, SectionSpace]) -> None:
+        data = raw["data"]["name"]
+        facts = DATASETS.facts(data)
+        resize = space["data"].common
+        sizes = next((p.candidates() for p in resize if p.key == "resize"), [0])
+        for m in space["model"].choices():
+            model = MODELS.facts(m)
+            if model.task is not facts.task:
                 raise self.fail(
                     "model.name",
-                    f"{m} is a {model_task(m)} model but {data['name']} is a {dtask} dataset",
+                    f"{m} is a {model.task.name} model but {data} is a {facts.task.name} dataset",
                 )
-            need = input_size(m)
-            size = next((z for z in sizes if isinstance(z, int) and z != need), None)
+            need = model.input_size
+            size = next((z or facts.image_size for z in sizes if (z or facts.image_size) != need), None)
             if need and size is not None:
                 raise self.fail(
                     "data.resize",
-                    f"model {m} needs {need}×{need} input but the data is {size}×{size}; "
-                    f"set [data] resize = {need}",
+                    f"model {m} needs {need}×{need} input but the data is "
+                    f"{size}×{size}; set [data] resize = {need}",
                 )
 
-    def check_grid(self, raw: dict[str, Any]) -> None:
-        for section, table in raw.items():
-            for key, value in table.items() if section != "study" else ():
-                subs = value.items() if is_conditional(value) else [(None, value)]
-                for sub, v in subs:
-                    if is_search(v) and "choices" not in v:
-                        where = ".".join(p for p in (section, key, sub) if p)
-                        raise self.fail(where, "the grid sampler needs {choices = [...]}, not a range")
+    def check_builds(self, space: SectionSpace) -> None:
+        """Build each choice's callable with its fixed values, then with every combination of the
+        searched keys' bounds and choices, so the callable's own limits (torch's "Invalid learning
+        rate", "Nesterov momentum requires a momentum") are met now, not in a trial."""
+        section = space.section
+        for choice in space.choices():
+            params = space.params(choice)
+            base: dict[str, Any] = {}
+            for p in (p for p in params if not p.searched):
+                self.try_build(section, choice, {**base, p.key: p.value}, [p])
+                base[p.key] = p.value
+            self.try_build(section, choice, base, [])
+            searched = [p for p in params if p.searched]
+            combos: Iterable[tuple[Any, ...]] = itertools.product(*(p.candidates() for p in searched))
+            if math.prod(len(p.candidates()) for p in searched) > _MAX_COMBINATIONS:
+                # Too many to build each: every candidate alone, the others at their defaults.
+                combos = (
+                    tuple(v if q is p else _DEFAULT for q in searched)
+                    for p in searched
+                    for v in p.candidates()
+                )
+            for values in combos:
+                chosen = {p.key: v for p, v in zip(searched, values, strict=True) if v is not _DEFAULT}
+                self.try_build(
+                    section, choice, {**base, **chosen}, [p for p in searched if p.key in chosen], chosen
+                )
+
+    def try_build(
+        self,
+        section: Section,
+        choice: Any,
+        values: dict[str, Any],
+        culprits: list[Param],
+        searched: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            section.trial(choice, values)
+            return
+        except Exception as exc:  # whatever the callable refuses, said in its own words
+            error = exc
+        by_key = {p.key: p for p in culprits}
+        if searched and len(searched) > 1:
+            # Name only the values that matter: those whose other candidates make it build.
+            def builds(key: str, other: Any) -> bool:
+                try:
+                    section.trial(choice, {**values, key: other})
+                    return True
+                except Exception:
+                    return False
+
+            relevant = {
+                k: v
+                for k, v in searched.items()
+                if any(builds(k, o) for o in by_key[k].candidates() if o != v)
+            }
+            searched = relevant or searched
+        if searched:
+            where = " with ".join(f"{by_key[k].name} = {v!r}" for k, v in searched.items())
+        else:
+            where = culprits[-1].name if culprits else section.title
+        of = f" ({section.title}.name = {choice!r})" if choice and section.registry is not None else ""
+        raise self.fail(where, f"{_one_line(error)}{of}")
 
 
-def _valid(registry: Registry[Any]) -> str:
+# Past this many combinations of bounds and choices in one section, each is tried alone.
+_MAX_COMBINATIONS = 256
+_DEFAULT = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _valid(registry: Registry[Any, Any]) -> str:
     return ", ".join(registry.names())
 
 
-def _is_type(value: Any, want: Any) -> bool:
-    if want is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if want is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, want)
-
-
-def _type_name(want: Any) -> str:
-    return {str: "a string", int: "an integer", float: "a number", dict: "a table"}[want]
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

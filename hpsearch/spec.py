@@ -1,38 +1,42 @@
-"""Study files: find and load one, and turn it into suggest_* calls for a trial.
+"""Study files: find and load one, resolve its defaults, and turn it into each trial's typed config.
 
-The file's format and its validation live in ``hpsearch.schema``. Parameters are named
-``section.key``, or ``section.choice.key`` for those of one choice only.
+The file's format, its search-space tree and its validation live in ``hpsearch.schema``. Parameters
+are named ``section.key``, or ``section.choice.key`` for those of one choice only.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import itertools
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-import tomllib
 
-from hpsearch.datasets import DATASETS
+from hpsearch.datasets import DATASETS, DataConfig
 from hpsearch.schema import (
-    DATA_DEFAULTS,
-    MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
+    SECTION_TABLE,
+    SectionSpace,
     SpecError,
-    is_conditional,
-    is_search,
+    StudyConfig,
+    TrainConfig,
     named,
+    space_names,
     validate,
+    walk,
 )
 from hpsearch.search import SAMPLERS, build_pruner, build_sampler
+from hpsearch.task import Task
 
 __all__ = [
-    "Config",
+    "Choice",
     "SpecError",
     "StudySpec",
+    "TrialConfig",
     "find_study_file",
-    "is_search",
     "list_studies",
     "load_spec",
     "space_of",
@@ -43,7 +47,42 @@ _BUNDLED_STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
 # Keys that change what a stored trial means; the rest of [study] only says how long to search.
 _RUN_ONLY = {"n_trials", "timeout", "description"}
-Config = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A registry entry picked by ``name`` and the keyword arguments it is called with."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.kwargs}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial runs with, every default filled in."""
+
+    data: DataConfig
+    model: Choice
+    optimizer: Choice
+    scheduler: Choice
+    train: TrainConfig
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """The configuration as plain tables, as stored on the trial and written by ``hpsearch best``."""
+
+        def plain(obj: Any) -> dict[str, Any]:
+            return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+        return {
+            "data": plain(self.data),
+            "model": self.model.as_dict(),
+            "optimizer": self.optimizer.as_dict(),
+            "scheduler": self.scheduler.as_dict(),
+            "train": plain(self.train),
+        }
 
 
 def space_of(raw: dict[str, Any]) -> dict[str, Any]:
@@ -54,110 +93,155 @@ def space_of(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def resolve(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every section-level default written in, so a stored spec says what ran."""
+    out = copy.deepcopy(raw)
+    facts = DATASETS.facts(out["data"]["name"])
+    for title, cls in (("data", DataConfig), ("train", TrainConfig)):
+        table = out.setdefault(title, {})
+        for f in fields(cls):
+            if f.default is not MISSING and f.default is not None:
+                table.setdefault(f.name, f.default)
+    out["train"].setdefault("max_loss", facts.task.max_loss(facts.outputs))
+    out.setdefault("scheduler", {}).setdefault("name", "none")
+    out["model"].setdefault("init", "default")
+    study = out.setdefault("study", {})
+    study.setdefault("seed", 0)
+    study.setdefault("direction", facts.task.direction)
+    study["sampler"] = named(study.get("sampler", "tpe"))
+    study["pruner"] = named(study.get("pruner", "median"))
+    return out
+
+
+def _scalar_defaults(section: str, name: str) -> dict[str, Any]:
+    """The builder's own defaults that a study file could have written: what the trial really used."""
+    out: dict[str, Any] = {}
+    for key, p in SECTION_TABLE[section].keys(name).items():
+        d = p.default
+        if isinstance(d, bool | int | float | str) or (isinstance(d, list | tuple) and d):
+            out[key] = list(d) if isinstance(d, tuple) else d
+    return out
+
+
 @dataclass
 class StudySpec:
-    """A validated study file. ``raw`` is the file's content; ``name`` its stem."""
+    """A validated study file, defaults resolved. ``raw`` is that content; ``name`` the file's stem."""
 
     name: str
     path: Path
     source: str
     raw: dict[str, Any]
-    task: str = field(init=False)
+    task: Task = field(init=False)
 
     def __post_init__(self) -> None:
-        self.task = DATASETS.meta[self.raw["data"]["name"]]["task"]
+        self.task = DATASETS.facts(self.raw["data"]["name"]).task
 
-    @property
-    def study(self) -> dict[str, Any]:
-        return dict(self.raw.get("study", {}))
+    @cached_property
+    def study(self) -> StudyConfig:
+        return StudyConfig(**self.raw.get("study", {}))
+
+    @cached_property
+    def space(self) -> dict[str, SectionSpace]:
+        """The search-space tree: sampling, the grid and the export columns walk it."""
+        return walk(self.raw)
 
     @property
     def direction(self) -> Literal["maximize", "minimize"]:
-        default = "maximize" if self.task == "classification" else "minimize"
-        return "minimize" if self.study.get("direction", default) == "minimize" else "maximize"
-
-    @property
-    def metric(self) -> str:
-        return "accuracy" if self.task == "classification" else "mse"
+        return self.task.direction
 
     @property
     def seed(self) -> int:
-        return int(self.study.get("seed", 0))
+        return self.study.seed
 
     @property
     def n_trials(self) -> int | None:
-        n = self.study.get("n_trials")
-        return int(n) if n is not None else None
+        if self.study.n_trials is None and self.enumerates:
+            return len(self.grid())
+        return self.study.n_trials
 
     @property
     def description(self) -> str:
-        return str(self.study.get("description", ""))
+        return self.study.description
 
-    def space(self) -> dict[str, Any]:
+    @property
+    def enumerates(self) -> bool:
+        """True for a grid study: its configurations are queued when it is created."""
+        return SAMPLERS.facts(named(self.study.sampler)["name"]).enumerates
+
+    def check_data(self, train_size: int, test_size: int) -> None:
+        """Raise ``SpecError`` unless ``[data]`` fits the dataset as found (files may be a subset)."""
+        try:
+            DataConfig(**self.raw["data"]).check_sizes(train_size, test_size)
+        except ValueError as exc:
+            raise SpecError(
+                f"{self.path}: data: {exc} in the {self.raw['data']['name']} files found"
+            ) from None
+
+    def space_key(self) -> dict[str, Any]:
         """Everything that defines what a trial means: compared when a study is resumed."""
         return space_of(self.raw)
 
+    def param_names(self) -> list[str]:
+        """Every searched parameter, in file order."""
+        return space_names(self.space)
+
     def sampler(self) -> optuna.samplers.BaseSampler:
-        table = named(self.study.get("sampler", {"name": "tpe"}))
+        table = named(self.study.sampler)
         kwargs = {k: v for k, v in table.items() if k != "name"}
         if "seed" in SAMPLERS.params(table["name"]):
             kwargs.setdefault("seed", self.seed)
-        return build_sampler(table["name"], self._grid(), **kwargs)
+        return build_sampler(table["name"], **kwargs)
 
     def pruner(self) -> optuna.pruners.BasePruner:
-        table = named(self.study.get("pruner", {"name": "median"}))
+        table = named(self.study.pruner)
         return build_pruner(table["name"], **{k: v for k, v in table.items() if k != "name"})
 
-    def _grid(self) -> dict[str, list[Any]]:
-        grid: dict[str, list[Any]] = {}
-        for section, table in self.raw.items():
-            if section == "study":
-                continue
-            for key, value in table.items():
-                if is_search(value):
-                    grid[f"{section}.{key}"] = value.get("choices", [])
-                elif isinstance(value, dict):
-                    for sub, v in value.items():
-                        if is_search(v):
-                            grid[f"{section}.{key}.{sub}"] = v.get("choices", [])
-        return grid
+    def grid(self) -> list[dict[str, Any]]:
+        """Every configuration of the search space, as trial params, each once.
 
-    def sample(self, trial: optuna.Trial) -> Config:
+        Per section, the union over each choice of ``name`` of the product of that choice's own
+        keys; then the product over sections. Only choices are enumerated (the grid allows no range).
+        """
+        per_section: list[list[dict[str, Any]]] = []
+        for s in self.space.values():
+            points: list[dict[str, Any]] = []
+            for choice in s.choices():
+                head = {s.name.name: choice} if s.name is not None and s.name.searched else {}
+                searched = [p for p in s.params(choice) if p.searched]
+                for values in itertools.product(*(p.candidates() for p in searched)):
+                    points.append({**head, **{p.name: v for p, v in zip(searched, values, strict=True)}})
+            per_section.append(points)
+        return [
+            {k: v for part in combo for k, v in part.items()} for combo in itertools.product(*per_section)
+        ]
+
+    def sample(self, trial: optuna.Trial) -> TrialConfig:
         """The trial's full configuration: defaults, fixed values and suggested values."""
-        defaults = {"data": DATA_DEFAULTS, "model": MODEL_DEFAULTS, "train": TRAIN_DEFAULTS}
-        config: Config = {}
-        for section in ("data", "model", "optimizer", "scheduler", "train"):
-            table = self.raw.get(section, {})
-            out = dict(defaults.get(section, {}))
-            name = table.get("name", "none" if section == "scheduler" else None)
-            if is_search(name):
-                name = trial.suggest_categorical(f"{section}.name", name["choices"])
-            for key, value in table.items():
-                if key != "name" and not is_conditional(value):
-                    out[key] = _suggest(trial, f"{section}.{key}", value)
-            for key, value in dict(table.get(name, {}) if name else {}).items():
-                out[key] = _suggest(trial, f"{section}.{name}.{key}", value)
-            if name is not None:
-                out["name"] = name
-            config[section] = out
-        return config
+        picked: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for title, s in self.space.items():
+            choice = s.name.suggest(trial) if s.name is not None else None
+            picked[title] = (choice, {p.key: p.suggest(trial) for p in s.params(choice)})
 
+        def pick(title: str) -> Choice:
+            choice, kwargs = picked[title]
+            return Choice(choice, {**_scalar_defaults(title, choice), **kwargs})
 
-def _suggest(trial: optuna.Trial, pname: str, value: Any) -> Any:
-    if not is_search(value):
-        return value
-    if "choices" in value:
-        return trial.suggest_categorical(pname, value["choices"])
-    low, high, step, log = value["low"], value["high"], value.get("step"), value.get("log", False)
-    if all(isinstance(v, int) for v in (low, high, step or 1)):
-        return trial.suggest_int(pname, low, high, step=step or 1, log=log)
-    return trial.suggest_float(pname, float(low), float(high), step=step, log=log)
+        data_name, data_kwargs = picked["data"]
+        return TrialConfig(
+            data=DataConfig(name=data_name, **data_kwargs),
+            model=pick("model"),
+            optimizer=pick("optimizer"),
+            scheduler=pick("scheduler"),
+            train=TrainConfig(**picked["train"][1]),
+        )
 
 
 def find_study_file(name_or_path: str) -> Path:
     """A path to a ``.toml`` file, or a study name looked up in ``./studies`` then the bundled set."""
     given = Path(name_or_path)
-    if given.suffix == ".toml" or given.exists():
+    if given.is_dir():
+        raise SpecError(f"{given} is a directory, not a study file; pass a .toml file or a study name")
+    if given.suffix == ".toml" or given.exists() or "/" in name_or_path:
         if not given.is_file():
             raise SpecError(f"study file {given} does not exist")
         return given
@@ -165,7 +249,7 @@ def find_study_file(name_or_path: str) -> Path:
         candidate = folder / f"{name_or_path}.toml"
         if candidate.is_file():
             return candidate
-    known = sorted({p.stem for d in (STUDIES_DIR, _BUNDLED_STUDIES) for p in d.glob("*.toml")})
+    known = sorted({p.stem for p in list_studies()})
     raise SpecError(
         f"no study named {name_or_path!r}: no studies/{name_or_path}.toml; "
         f"known studies: {', '.join(known) or 'none'} (or pass a path to a .toml file)"
@@ -177,20 +261,38 @@ def list_studies() -> list[Path]:
     found: dict[str, Path] = {}
     for folder in (_BUNDLED_STUDIES, STUDIES_DIR):
         for p in sorted(folder.glob("*.toml")):
-            found[p.stem] = p
+            if p.is_file():
+                found[p.stem] = p
     return [found[k] for k in sorted(found)]
+
+
+def read_study_text(path: Path) -> str:
+    """The text of a study file; a binary, non-UTF-8 or unreadable file is a ``SpecError`` naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: not a UTF-8 text file (byte {exc.start} is {data[exc.start]:#04x}); save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise SpecError(f"{path}: a binary file (it holds NUL bytes), not a TOML study file")
+    return text
 
 
 def load_spec(name_or_path: str | Path) -> StudySpec:
     """Read and validate a study file; raise ``SpecError`` naming the file, key and valid values."""
     path = find_study_file(str(name_or_path))
-    source = path.read_text(encoding="utf-8")
+    source = read_study_text(path)
     try:
         raw = tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     validate(path, raw)
-    spec = StudySpec(path.stem, path, source, raw)
+    spec = StudySpec(path.stem, path, source, resolve(raw))
     # Building them once here turns the last argument mistakes (a threshold pruner with neither
     # bound, say) into load-time errors instead of failures when the study starts.
     for key, build in (("sampler", spec.sampler), ("pruner", spec.pruner)):
@@ -198,4 +300,9 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
             build()
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{path}: study.{key}: {exc}") from None
+    if spec.enumerates and spec.study.n_trials is not None and spec.study.n_trials > len(spec.grid()):
+        raise SpecError(
+            f"{path}: study.n_trials: the grid has {len(spec.grid())} configurations, fewer than "
+            f"n_trials = {spec.study.n_trials}; lower n_trials or remove it to run each once"
+        )
     return spec

@@ -1,4 +1,4 @@
-"""The trial: build → loop over epochs (train, evaluate, report, prune) → test → result."""
+"""The trial: sample → build → loop over epochs (train, evaluate, report, prune) → test → record."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 import torch
 from torch import nn
 
-from hpsearch.datasets import Dataset, load_dataset, split
+from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, split, subset
+from hpsearch.errors import HpsearchError
 from hpsearch.models import build_model
-from hpsearch.optim import Schedule, build_optimizer, build_scheduler, steps_per_batch
-from hpsearch.spec import Config, StudySpec
+from hpsearch.optim import Schedule, Stepper, build_optimizer, build_scheduler
+from hpsearch.record import TrialRecord
+from hpsearch.spec import StudySpec, TrialConfig
+from hpsearch.task import Task
 
 # Batches between divergence checks: each check is one host sync, so the inner loop never waits
 # on the device per batch, yet a blown-up run stops within its first epoch.
@@ -28,7 +31,7 @@ Progress = Callable[[int, int, float, float | None], None]
 
 
 class Diverged(Exception):
-    """Training loss became non-finite or exceeded ``train.max_loss``."""
+    """The training data loss became non-finite or exceeded ``train.max_loss``."""
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -41,11 +44,15 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        dev = torch.device(str(device))
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise HpsearchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HpsearchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use cpu")
+        raise HpsearchError(f"device {device!r} asked for, but CUDA is not available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HpsearchError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -59,84 +66,88 @@ def run_trial(
     """Train one sampled configuration and return its final validation metric.
 
     Reports the validation metric after every epoch (step = epoch, from 1) and raises
-    ``optuna.TrialPruned`` when the pruner says so or the loss diverges; either way the reason
-    and the per-epoch history are stored as the trial's user attributes.
+    ``optuna.TrialPruned`` when the pruner says so or the loss diverges. Whatever happens, the
+    trial's record (config, per-epoch history, how it ended) is written once, as it ends.
     """
-    cfg = spec.sample(trial)
-    data_cfg, train_cfg = cfg["data"], cfg["train"]
-    seed = train_cfg["seed"] if train_cfg["seed"] is not None else trial_seed(spec.seed, trial.number)
-    torch.manual_seed(seed)
-    # Stored first, so even a trial that fails while building says what it was.
-    trial.set_user_attr("config", cfg)
-    trial.set_user_attr("seed", seed)
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("metric", spec.metric)
-    data = load_dataset(data_cfg["name"], data_dir, str(device))
-    train_idx, val_idx = split(
-        len(data.train_y), data_cfg["val_fraction"], spec.seed, data_cfg["train_limit"] or None,
-        str(device),
-    )  # fmt: skip
-    test_n = data_cfg["test_limit"] or len(data.test_y)
-    model = _build(cfg, data, device)
-    optimizer = build_optimizer(**cfg["optimizer"], params=model.parameters())
-    batch_size = int(data_cfg["batch_size"])
-    steps = max(1, len(train_idx) // batch_size)
-    mode: Literal["min", "max"] = "max" if spec.direction == "maximize" else "min"
-    scheduler = build_scheduler(
-        **cfg["scheduler"], optimizer=optimizer,
-        run=Schedule(int(train_cfg["epochs"]), steps, mode),
-    )  # fmt: skip
-    classify = data.task == "classification"
-    loss_fn: nn.Module = nn.CrossEntropyLoss() if classify else nn.MSELoss()
-    max_loss = train_cfg["max_loss"] or (10 * math.log(data.num_outputs) if classify else 1e4)
-    key = "val_acc" if classify else "val_mse"
-    history: dict[str, list[float]] = {"train_loss": [], key: [], "epoch_time_s": []}
-    trial.set_user_attr("n_params", sum(p.numel() for p in model.parameters()))
-    g = torch.Generator(device=device).manual_seed(seed)
-    seen, train_time, start = 0, 0.0, time.perf_counter()
-    epochs = int(train_cfg["epochs"])
-    value = math.nan
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        try:
-            on_check = (lambda done, e=epoch: progress(e, epochs, done, None)) if progress else None
-            loss = train_epoch(
-                model, data, train_idx, cfg, optimizer, scheduler, loss_fn, g, device, max_loss, on_check
+    start, task = time.perf_counter(), spec.task
+    rec = TrialRecord(device=str(device), worker=f"{socket.gethostname()}:{os.getpid()}")
+    epoch = 0
+    try:
+        cfg = spec.sample(trial)
+        rec.config = cfg.as_dict()
+        seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, trial.number)
+        rec.seed = seed
+        torch.manual_seed(seed)
+        data = load_dataset(cfg.data.name, data_dir, str(device))
+        cfg.data.check_sizes(len(data.train_y), len(data.test_y))
+        train_idx, val_idx = split(
+            len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
+        )
+        test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
+        slices = batch_slices(len(train_idx), cfg.data.batch_size)
+        model = _build(cfg.model.name, cfg.model.kwargs, data, device)
+        rec.n_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
+        run = Schedule(cfg.train.epochs, len(slices), "max" if task.direction == "maximize" else "min")
+        stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=optimizer, run=run)
+        max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
+        g = torch.Generator(device=device).manual_seed(seed)
+        value = math.nan
+        for epoch in range(1, cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            on_check = (lambda done, e=epoch: progress(e, cfg.train.epochs, done, None)) if progress else None
+            loss, penalty = train_epoch(
+                model,
+                data,
+                task,
+                train_idx,
+                slices,
+                cfg.data,
+                cfg.train.l1,
+                optimizer,
+                stepper,
+                g,
+                device,
+                max_loss,
+                on_check,
             )
-        except Diverged as exc:
-            _finish(trial, history, start, seen, train_time, epoch - 1, f"diverged in epoch {epoch}: {exc}")
-            raise optuna.TrialPruned(f"diverged: {exc}") from None
-        seen += len(train_idx)
-        train_time += time.perf_counter() - t0
-        value = evaluate(model, data, data.train_x, data.train_y, val_idx, device, cfg)
-        history["train_loss"].append(loss)
-        history[key].append(value)
-        history["epoch_time_s"].append(time.perf_counter() - t0)
-        trial.report(value, epoch)
-        if progress:
-            progress(epoch, epochs, 1.0, value)
-        if trial.should_prune():
-            _finish(trial, history, start, seen, train_time, epoch,
-                    f"pruned at epoch {epoch}: validation {spec.metric} {value:.4f}")  # fmt: skip
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-        if scheduler is not None and not steps_per_batch(scheduler):
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(value)
-            else:
-                scheduler.step()
-    test_idx = torch.arange(test_n, device=device)
-    test = evaluate(model, data, data.test_x, data.test_y, test_idx, device, cfg)
-    trial.set_user_attr("test_acc" if classify else "test_mse", test)
-    _finish(trial, history, start, seen, train_time, epochs, None)
-    return value
+            speed = len(train_idx) / (time.perf_counter() - t0)
+            value = evaluate(model, data, task, data.train_x, data.train_y, val_idx, cfg, device)
+            rec.add_epoch(loss, penalty, value, time.perf_counter() - t0, speed)
+            trial.report(value, epoch)
+            if progress:
+                progress(epoch, cfg.train.epochs, 1.0, value)
+            if trial.should_prune():
+                rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
+                raise optuna.TrialPruned(rec.stop_reason)
+            stepper.after_epoch(value)
+        rec.test = evaluate(model, data, task, data.test_x, data.test_y, test_idx, cfg, device)
+        return value
+    except Diverged as exc:
+        rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
+        raise optuna.TrialPruned(rec.stop_reason) from None
+    except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:
+        rec.fail_reason = f"interrupted in epoch {epoch}"
+        raise
+    except Exception as exc:
+        rec.fail_reason = failure(exc)
+        raise
+    finally:
+        rec.run_time_s = time.perf_counter() - start
+        rec.save(trial, task)
 
 
-def _build(cfg: Config, data: Dataset, device: torch.device) -> nn.Module:
-    model_cfg = dict(cfg["model"])
-    name = model_cfg.pop("name")
-    in_ch = data.in_channels if data.task == "classification" else int(data.train_x.shape[1])
-    model = build_model(name, in_ch, data.num_outputs, **model_cfg).to(device)
+def failure(exc: BaseException) -> str:
+    """An exception as the one-line reason a trial failed: its type and its first words."""
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _build(name: str, kwargs: dict[str, Any], data: Dataset, device: torch.device) -> nn.Module:
+    model = build_model(name, data.in_channels, data.num_outputs, **kwargs).to(device)
     if device.type == "cuda" and data.train_x.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -152,54 +163,50 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
 def train_epoch(
     model: nn.Module,
     data: Dataset,
+    task: Task,
     idx: torch.Tensor,
-    cfg: Config,
+    slices: list[slice],
+    data_cfg: DataConfig,
+    l1: float,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loss_fn: nn.Module,
+    stepper: Stepper,
     g: torch.Generator,
     device: torch.device,
     max_loss: float,
     on_check: Callable[[float], None] | None = None,
-) -> float:
-    """One pass over the training indices; the mean training loss, synced once per epoch.
+) -> tuple[float, float]:
+    """One pass over ``idx`` in the batches ``slices``: the mean data loss and mean L1 penalty.
 
-    Every ``CHECK_EVERY`` batches the loss is checked for divergence and ``on_check`` is told the
-    fraction of the epoch done: the one host sync serves both.
+    Every ``CHECK_EVERY`` batches the data loss is checked for divergence and ``on_check`` is told
+    the fraction of the epoch done: the one host sync serves both.
     """
     model.train()
-    bs, resize, flip = int(cfg["data"]["batch_size"]), cfg["data"]["resize"], cfg["data"]["flip"]
-    l1 = float(cfg["train"]["l1"])
+    loss_fn = task.loss()
     params = [p for p in model.parameters() if p.requires_grad]
     order = idx[torch.randperm(len(idx), generator=g, device=device)]
     total = torch.zeros((), device=device)
+    penalty_total = torch.zeros((), device=device)
     # torch.maximum propagates NaN, so one tensor tracks both blow-ups and non-finite losses.
     worst = torch.zeros((), device=device)
-    per_batch = steps_per_batch(scheduler)
     channels_last = device.type == "cuda" and data.train_x.dim() == 4
-    n_batches = 0
-    for i in range(0, len(order), bs):
-        batch = order[i : i + bs]
-        if len(batch) < 2 and n_batches:  # a batch of one breaks BatchNorm; it is dropped
-            break
-        x = data.inputs(data.train_x[batch], resize, flip, g)
+    seen = 0
+    for n, s in enumerate(slices, start=1):
+        batch = order[s]
+        x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, g)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = data.train_y[batch]
-
-        loss = _step(model, optimizer, loss_fn, x, y, l1, params, device)
-        loss = loss.detach().float()
+        loss, penalty = _step(model, optimizer, loss_fn, x, data.train_y[batch], l1, params, device)
         total += loss * len(batch)
+        penalty_total += penalty * len(batch)
+        seen += len(batch)
         worst = torch.maximum(worst, loss)
-        n_batches += 1
-        if per_batch:
-            scheduler.step()
-        if n_batches % CHECK_EVERY == 0:
-            _check(float(worst), max_loss, n_batches)
+        stepper.after_batch()
+        if n % CHECK_EVERY == 0:
+            _check(float(worst), max_loss, n)
             if on_check:
-                on_check(min(1.0, (i + bs) / len(order)))
-    _check(float(worst), max_loss, n_batches)
-    return float(total) / max(1, min(len(order), n_batches * bs))
+                on_check(n / len(slices))
+    _check(float(worst), max_loss, len(slices))
+    return float(total) / seen, float(penalty_total) / seen
 
 
 def _check(worst: float, max_loss: float, n_batches: int) -> None:
@@ -216,67 +223,43 @@ def _step(
     l1: float,
     params: list[nn.Parameter],
     device: torch.device,
-) -> torch.Tensor:
-    """One optimizer step on a batch; returns the batch loss (not synced)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: the batch's data loss and L1 penalty term (not synced)."""
+    first: list[torch.Tensor] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
-            loss = loss_fn(model(x), y)
-        if l1:
-            loss = loss + l1 * sum(p.abs().sum() for p in params)
-        loss.backward()
-        return loss
+            loss = loss_fn(model(x), y).float()
+        penalty = l1 * torch.stack([p.abs().sum() for p in params]).sum() if l1 else loss.new_zeros(())
+        if not first:  # LBFGS calls this several times; the first call is the loss before the step
+            first[:] = [loss.detach(), penalty.detach()]
+        (loss + penalty).backward()
+        return loss + penalty
 
     # Every torch optimizer accepts a closure; LBFGS needs one to re-evaluate the loss.
-    loss = optimizer.step(closure)  # type: ignore[arg-type]
-    assert isinstance(loss, torch.Tensor)
-    return loss
+    optimizer.step(closure)  # type: ignore[arg-type]
+    return first[0], first[1]
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
     data: Dataset,
+    task: Task,
     xs: torch.Tensor,
     ys: torch.Tensor,
     idx: torch.Tensor,
+    cfg: TrialConfig,
     device: torch.device,
-    cfg: Config,
 ) -> float:
-    """Accuracy (classification) or mean squared error (regression) over ``xs[idx]``."""
+    """The task's metric (accuracy, mean squared error) over ``xs[idx]``."""
     model.eval()
-    bs, resize = int(cfg["train"]["eval_batch_size"]), cfg["data"]["resize"]
+    bs = cfg.train.eval_batch_size
     score = torch.zeros((), device=device, dtype=torch.float64)
     for i in range(0, len(idx), bs):
         batch = idx[i : i + bs]
-        x = data.inputs(xs[batch], resize)
         with _autocast(device):
-            out = model(x).float()
-        y = ys[batch]
-        if data.task == "classification":
-            score += (out.argmax(1) == y).sum()
-        else:
-            score += ((out - y) ** 2).sum() / y.shape[1]
-    return float(score) / max(1, len(idx))
-
-
-def _finish(
-    trial: optuna.Trial,
-    history: dict[str, list[float]],
-    start: float,
-    seen: int,
-    train_time: float,
-    epochs_run: int,
-    reason: str | None,
-) -> None:
-    for key, values in history.items():
-        trial.set_user_attr(key, values)
-    trial.set_user_attr("epochs_run", epochs_run)
-    trial.set_user_attr("run_time_s", time.perf_counter() - start)
-    if train_time:
-        trial.set_user_attr("examples_per_s", seen / train_time)
-    if history["train_loss"]:
-        trial.set_user_attr("final_train_loss", history["train_loss"][-1])
-    if reason:
-        trial.set_user_attr("stop_reason", reason)
+            out = model(data.inputs(xs[batch], cfg.data.resize)).float()
+        score += task.score(out, ys[batch])
+    return float(score) / len(idx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,11 @@ from torch import nn
 
 from hpsearch.datasets import DATASETS
 from hpsearch.models import MODELS
-from hpsearch.optim import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    Schedule,
-    build_optimizer,
-    build_scheduler,
-    optimizer_params,
-    steps_per_batch,
-)
+from hpsearch.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.spec import SpecError, StudySpec, find_study_file, load_spec
+from hpsearch.study import open_study
+from hpsearch.task import CLASSIFICATION
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -67,7 +62,7 @@ def sample_configs(spec: StudySpec, n: int, sampler: optuna.samplers.BaseSampler
     out: list[Any] = []
 
     def objective(trial: optuna.Trial) -> float:
-        out.append((trial, spec.sample(trial)))
+        out.append((trial, spec.sample(trial).as_dict()))
         return float(len(out))
 
     study.optimize(objective, n_trials=n)
@@ -78,30 +73,31 @@ def sample_configs(spec: StudySpec, n: int, sampler: optuna.samplers.BaseSampler
 # Every study file in the repository.
 
 
-def test_studies_folder_has_files() -> None:
-    assert STUDY_FILES, "no studies/*.toml found next to the tests"
-
-
 @pytest.mark.parametrize("path", STUDY_FILES, ids=[p.stem for p in STUDY_FILES])
-def test_every_study_file_loads_and_samples(path: Path) -> None:
+def test_every_study_file_loads_and_samples(path: Path, tmp_path: Path) -> None:
     spec = load_spec(path)
     assert spec.name == path.stem
     assert spec.direction in ("maximize", "minimize")
     assert isinstance(spec.sampler(), optuna.samplers.BaseSampler)
     assert isinstance(spec.pruner(), optuna.pruners.BasePruner)
-    for trial, cfg in sample_configs(spec, 3):
+    configs = (
+        [(None, c) for c in run_grid(tmp_path, path.read_text())[1][:3]]
+        if spec.enumerates
+        else sample_configs(spec, 3)
+    )
+    for trial, cfg in configs:
         assert set(cfg) == {"data", "model", "optimizer", "scheduler", "train"}
         assert cfg["data"]["name"] in DATASETS
         assert cfg["model"]["name"] in MODELS
         assert cfg["optimizer"]["name"] in OPTIMIZERS
         assert cfg["scheduler"]["name"] in SCHEDULERS
         opt = cfg["optimizer"]["name"]
-        assert set(cfg["optimizer"]) - {"name"} <= optimizer_params(opt)
+        assert set(cfg["optimizer"]) - {"name"} <= set(OPTIMIZERS.params(opt))
         sched = cfg["scheduler"]["name"]
         assert set(cfg["scheduler"]) - {"name"} <= set(SCHEDULERS.params(sched))
         assert all(isinstance(cfg["data"][k], int) for k in ("batch_size", "train_limit", "test_limit"))
         assert isinstance(cfg["train"]["epochs"], int)
-        assert all(k.split(".")[0] in cfg for k in trial.params)
+        assert trial is None or all(k.split(".")[0] in cfg for k in trial.params)
 
 
 def test_bundled_study_found_by_name() -> None:
@@ -168,7 +164,7 @@ MALFORMED: dict[str, tuple[str, list[str]]] = {
     ),
     "lr_wrong_type": (
         BASE.replace("lr = 0.01", 'lr = "fast"'),
-        ["optimizer.lr", "'fast'", "wrong type", "float"],
+        ["optimizer.lr", "'fast'", "wrong type", "expected a number"],
     ),
     "batch_size_float": (
         BASE.replace('name = "synthetic"', 'name = "synthetic"\nbatch_size = 1.5'),
@@ -292,7 +288,7 @@ def test_malformed_study_file(tmp_path: Path, case: str) -> None:
 def test_base_study_is_valid(tmp_path: Path) -> None:
     # The malformed cases are one edit away from this file, so each error is due to that edit.
     spec = load_spec(write(tmp_path, BASE))
-    assert spec.task == "classification" and spec.direction == "maximize"
+    assert spec.task is CLASSIFICATION and spec.direction == "maximize"
 
 
 def test_integer_counts_are_accepted(tmp_path: Path) -> None:
@@ -375,13 +371,18 @@ def test_conditional_parameters(tmp_path: Path) -> None:
         # Fixed values and defaults.
         assert cfg["optimizer"]["weight_decay"] == 1e-5
         assert cfg["data"] == {
-            "name": "synthetic", "batch_size": 128, "val_fraction": 0.1, "resize": 0, "flip": True,
-            "train_limit": 0, "test_limit": 0,
-        }  # fmt: skip
+            "name": "synthetic",
+            "batch_size": 128,
+            "val_fraction": 0.1,
+            "resize": 0,
+            "flip": True,
+            "train_limit": 0,
+            "test_limit": 0,
+        }
         assert cfg["train"] == {
             "epochs": 10,
             "l1": 0.0,
-            "max_loss": 0.0,
+            "max_loss": pytest.approx(10 * math.log(10)),  # resolved at load: 10·ln(classes)
             "eval_batch_size": 1024,
             "seed": None,
         }
@@ -401,13 +402,48 @@ def test_log_range_spans_decades(tmp_path: Path) -> None:
     assert sum(lr < 1e-3 for lr in lrs) >= 10
 
 
+def run_grid(tmp_path: Path, text: str) -> tuple[StudySpec, list[dict[str, Any]]]:
+    """A grid study created in a real SQLite file, each queued trial sampled through Optuna."""
+    spec = load_spec(write(tmp_path, text, "grid"))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'grid.db'}")
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(queued) == len(spec.grid()) == spec.n_trials
+    configs: list[dict[str, Any]] = []
+    study.optimize(lambda t: configs.append(spec.sample(t).as_dict()) or 0.0, n_trials=len(queued))
+    return spec, configs
+
+
 def test_grid_sampler_covers_choices(tmp_path: Path) -> None:
     text = '[study]\nsampler = "grid"\n' + BASE.replace("lr = 0.01", "lr = { choices = [0.1, 0.01] }")
     text = text.replace('name = "sgd"', 'name = { choices = ["sgd", "adam"] }')
-    spec = load_spec(write(tmp_path, text))
-    assert isinstance(spec.sampler(), optuna.samplers.GridSampler)
-    got = {(c["optimizer"]["name"], c["optimizer"]["lr"]) for _, c in sample_configs(spec, 4)}
-    assert got == {("sgd", 0.1), ("sgd", 0.01), ("adam", 0.1), ("adam", 0.01)}
+    _, configs = run_grid(tmp_path, text)
+    got = [(c["optimizer"]["name"], c["optimizer"]["lr"]) for c in configs]
+    assert sorted(got) == sorted([("sgd", 0.1), ("sgd", 0.01), ("adam", 0.1), ("adam", 0.01)])
+
+
+def test_grid_with_conditional_parameters_runs_each_configuration_once(tmp_path: Path) -> None:
+    # Optuna's GridSampler would take the product with the unused momentum choices: 3 × 2 + 3 × 2 × 3 =
+    # 24 trials, each Adam configuration three times. The union of each branch's grid is 3 + 9 = 12.
+    text = '[study]\nsampler = "grid"\n' + BASE.replace("lr = 0.01", "lr = { choices = [0.1, 0.01, 0.3] }")
+    text = text.replace('name = "sgd"', 'name = { choices = ["sgd", "adam"] }')
+    text += "[optimizer.sgd]\nmomentum = { choices = [0.0, 0.5, 0.9] }\n"
+    spec, configs = run_grid(tmp_path, text)
+    assert spec.n_trials == 12
+    seen = [json.dumps(c["optimizer"], sort_keys=True) for c in configs]
+    assert len(seen) == len(set(seen)) == 12
+    assert sum(c["optimizer"]["name"] == "adam" for c in configs) == 3
+    momenta = {
+        (c["optimizer"]["lr"], c["optimizer"]["momentum"]) for c in configs if c["optimizer"]["name"] == "sgd"
+    }
+    assert momenta == {(lr, m) for lr in (0.1, 0.01, 0.3) for m in (0.0, 0.5, 0.9)}
+
+
+def test_grid_refuses_more_trials_than_configurations(tmp_path: Path) -> None:
+    text = '[study]\nsampler = "grid"\nn_trials = 3\n' + BASE.replace(
+        "lr = 0.01", "lr = { choices = [0.1, 0.01] }"
+    )
+    with pytest.raises(SpecError, match="the grid has 2 configurations, fewer than n_trials = 3"):
+        load_spec(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS.names())
@@ -415,9 +451,10 @@ def test_every_sampler_builds_from_a_study_file(tmp_path: Path, sampler: str) ->
     lr = "{ choices = [0.1, 0.01] }" if sampler == "grid" else "{ low = 0.001, high = 0.1 }"
     text = f'[study]\nsampler = "{sampler}"\nseed = 3\n' + BASE.replace("lr = 0.01", f"lr = {lr}")
     spec = load_spec(write(tmp_path, text))
-    built = spec.sampler()
-    assert isinstance(built, SAMPLERS[sampler])
-    for _, cfg in sample_configs(spec, 2):
+    assert isinstance(spec.sampler(), optuna.samplers.BaseSampler)
+    configs = run_grid(tmp_path, text)[1] if sampler == "grid" else [c for _, c in sample_configs(spec, 2)]
+    assert len(configs) == 2
+    for cfg in configs:
         assert 0.001 <= cfg["optimizer"]["lr"] <= 0.1
 
 
@@ -446,13 +483,13 @@ def _scalar_defaults(params: dict[str, inspect.Parameter], allowed: set[str]) ->
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_optimizer_from_a_study_file(tmp_path: Path, name: str) -> None:
-    values = _scalar_defaults(OPTIMIZERS.params(name), optimizer_params(name))
+    values = _scalar_defaults(OPTIMIZERS.params(name), set(OPTIMIZERS.params(name)))
     values["lr"] = 0.0123
     body = "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
     text = BASE.replace('name = "sgd"\nlr = 0.01\n', f'name = "{name}"\n{body}')
     spec = load_spec(write(tmp_path, text))
     [(_, cfg)] = sample_configs(spec, 1)
-    assert cfg["optimizer"] == {"name": name, **values}
+    assert cfg["optimizer"].items() >= {"name": name, **values}.items()
     model = nn.Linear(4, 2)
     opt = build_optimizer(**cfg["optimizer"], params=model.parameters())
     assert isinstance(opt, OPTIMIZERS[name])
@@ -481,23 +518,19 @@ def test_every_scheduler_from_a_study_file(tmp_path: Path, name: str) -> None:
     model = nn.Linear(4, 2)
     opt = build_optimizer(**cfg["optimizer"], params=model.parameters())
     run = Schedule(epochs=6, steps_per_epoch=5, mode="max")
-    sched = build_scheduler(**cfg["scheduler"], optimizer=opt, run=run)
+    stepper = build_scheduler(**cfg["scheduler"], optimizer=opt, run=run)
     if name == "none":
-        assert sched is None
+        assert stepper.scheduler is None
         return
-    assert sched is not None
+    assert stepper.scheduler is not None
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     for epoch in range(run.epochs):
         for _ in range(run.steps_per_epoch):
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-            if steps_per_batch(sched):
-                sched.step()
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(0.5)
-        elif not steps_per_batch(sched):
-            sched.step()
+            stepper.after_batch()
+        stepper.after_epoch(0.5)
         assert math.isfinite(opt.param_groups[0]["lr"]), epoch
 
 

@@ -1,0 +1,154 @@
+"""What a trial and a study store in Optuna, under which names, and how it is read back.
+
+Training writes a ``TrialRecord`` once, when the trial ends however it ends; export, report and
+the CLI read it with ``TrialRecord.of``. Every user-attribute name lives here, so a column, a
+figure and Optuna's own CLI all mean the same thing by it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpsearch.task import CLASSIFICATION, TASKS, Task
+
+# Study attributes.
+SPEC = "spec"  # the resolved study file, as tables
+SPEC_SOURCE = "spec_source"  # the study file's text
+DESCRIPTION = "description"
+TASK = "task"  # the task's name: classification or regression
+METRIC = "metric"  # the task's metric, also kept for studies stored before TASK existed
+HPSEARCH_VERSION = "hpsearch_version"
+TORCH_VERSION = "torch_version"
+
+# Trial attributes, besides the task's per-epoch validation key and test key (``Task.val_key``).
+CONFIG = "config"
+SEED = "seed"
+DEVICE = "device"
+WORKER = "worker"
+N_PARAMS = "n_params"
+TRAIN_LOSS = "train_loss"  # mean data loss per epoch (the L1 penalty is not in it)
+L1_PENALTY = "l1_penalty"  # mean L1 penalty term (coefficient × |weights|) per epoch
+EPOCH_TIME = "epoch_time_s"
+EPOCHS_RUN = "epochs_run"  # epochs trained to the end and evaluated
+RUN_TIME = "run_time_s"  # the whole trial, building and testing included
+EXAMPLES_PER_S = "examples_per_s"  # training examples per second of training
+FINAL_TRAIN_LOSS = "final_train_loss"
+STOP_REASON = "stop_reason"  # why a pruned trial stopped (pruned, or diverged)
+STOP_EPOCH = "stop_epoch"  # the epoch it stopped in
+FAIL_REASON = "fail_reason"  # the exception that failed a trial, as one line
+
+
+def study_task(study: optuna.Study) -> Task:
+    """The task a stored study was made for."""
+    attrs = study.user_attrs
+    if attrs.get(TASK) in TASKS:
+        return TASKS[attrs[TASK]]
+    return next((t for t in TASKS.values() if t.metric == attrs.get(METRIC)), CLASSIFICATION)
+
+
+@dataclass
+class TrialRecord:
+    """One trial's record: what it ran with, each epoch's numbers, and how it ended."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    device: str | None = None
+    worker: str | None = None
+    n_params: int | None = None
+    train_loss: list[float] = field(default_factory=list)
+    l1_penalty: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    epoch_time_s: list[float] = field(default_factory=list)
+    examples_per_s: float | None = None  # training examples per second of training
+    run_time_s: float = 0.0
+    test: float | None = None
+    stop_reason: str | None = None
+    stop_epoch: int | None = None
+    fail_reason: str | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.val)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the trial ended early, if it did."""
+        return self.stop_reason or self.fail_reason
+
+    def add_epoch(self, loss: float, penalty: float, value: float, seconds: float, speed: float) -> None:
+        """One epoch's mean data loss and penalty, validation metric, wall time and examples per second."""
+        n = len(self.val)
+        self.train_loss.append(loss)
+        self.l1_penalty.append(penalty)
+        self.val.append(value)
+        self.epoch_time_s.append(seconds)
+        # The mean over epochs, so one slow first epoch (warm-up) does not define the speed.
+        self.examples_per_s = ((self.examples_per_s or 0.0) * n + speed) / (n + 1)
+
+    def stop(self, epoch: int, reason: str) -> None:
+        self.stop_epoch, self.stop_reason = epoch, reason
+
+    def save(self, trial: optuna.Trial, task: Task) -> None:
+        """Write the record as the trial's user attributes (absent values are not written)."""
+        attrs: dict[str, Any] = {
+            CONFIG: self.config,
+            SEED: self.seed,
+            DEVICE: self.device,
+            WORKER: self.worker,
+            N_PARAMS: self.n_params,
+            TRAIN_LOSS: self.train_loss,
+            L1_PENALTY: self.l1_penalty,
+            task.val_key: self.val,
+            EPOCH_TIME: self.epoch_time_s,
+            EPOCHS_RUN: self.epochs_run,
+            RUN_TIME: self.run_time_s,
+            EXAMPLES_PER_S: self.examples_per_s,
+            FINAL_TRAIN_LOSS: self.train_loss[-1] if self.train_loss else None,
+            task.test_key: self.test,
+            STOP_REASON: self.stop_reason,
+            STOP_EPOCH: self.stop_epoch,
+            FAIL_REASON: self.fail_reason,
+        }
+        for key, value in attrs.items():
+            if value is not None:
+                trial.set_user_attr(key, _storable(value))
+
+    @classmethod
+    def of(cls, trial: FrozenTrial, task: Task) -> TrialRecord:
+        """The record of a stored trial; what it never wrote is empty or None."""
+        a = trial.user_attrs
+        val = [float(v) for v in a.get(task.val_key) or []]
+        loss = [float(v) for v in a.get(TRAIN_LOSS) or []]
+        return cls(
+            config=dict(a[CONFIG]) if isinstance(a.get(CONFIG), dict) else {},
+            seed=a.get(SEED),
+            device=a.get(DEVICE),
+            worker=a.get(WORKER),
+            n_params=a.get(N_PARAMS),
+            train_loss=loss,
+            l1_penalty=[float(v) for v in a.get(L1_PENALTY) or []],
+            val=val,
+            epoch_time_s=[float(v) for v in a.get(EPOCH_TIME) or []],
+            examples_per_s=a.get(EXAMPLES_PER_S),
+            run_time_s=float(a.get(RUN_TIME) or 0.0),
+            test=a.get(task.test_key),
+            stop_reason=a.get(STOP_REASON),
+            stop_epoch=a.get(STOP_EPOCH),
+            fail_reason=a.get(FAIL_REASON),
+        )
+
+
+def _storable(value: Any) -> Any:
+    """JSON-safe: Optuna stores user attributes as JSON, which has no NaN or infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    return value
