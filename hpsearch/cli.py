@@ -50,7 +50,8 @@ def interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished trials are stored; run the same command to resume", err=True)
+            clear = "\n" if sys.stderr.isatty() else ""  # past a progress line
+            click.echo(f"{clear}interrupted: finished trials are stored; run the same command to resume", err=True)
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -34,6 +34,9 @@ for _name, _cls in {
 
 def build_optimizer(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
     """``torch.optim`` optimizer ``name`` over ``params``; ``betas`` may be given as a list."""
+    # torch takes a rate of 0, which trains nothing and reports the initial net as a result.
+    if "lr" in kwargs and not kwargs["lr"] > 0:
+        raise ValueError(f"Invalid learning rate: {kwargs['lr']}; it must be positive")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     return OPTIMIZERS[name](params, **kwargs)

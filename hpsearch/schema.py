@@ -308,9 +308,9 @@ class _Validator:
         space = walk(raw)
         for s in space.values():
             self.check_params(s)
-        self.check_fit(raw, space)
         for s in space.values():
             self.check_builds(s)
+        self.check_fit(raw, space)
         if SAMPLERS.facts(named(raw.get("study", {}).get("sampler", "tpe"))["name"]).enumerates:
             for p in (p for s in space.values() for p in s.every_param()):
                 if p.searched and "choices" not in p.value:

@@ -170,8 +170,10 @@ class StudySpec:
 
     def check_data(self, train_size: int, test_size: int) -> None:
         """Raise ``SpecError`` unless ``[data]`` fits the dataset as found (files may be a subset)."""
+        data = self.raw["data"]
+        fixed = {f.name: data[f.name] for f in fields(DataConfig) if f.metadata.get("searchable") is False}
         try:
-            DataConfig(**self.raw["data"]).check_sizes(train_size, test_size)
+            DataConfig(name=data["name"], **fixed).check_sizes(train_size, test_size)
         except ValueError as exc:
             raise SpecError(
                 f"{self.path}: data: {exc} in the {self.raw['data']['name']} files found"

@@ -226,9 +226,11 @@ def open_artifacts(url: str | None = None) -> FileSystemArtifactStore:
 def _shown(url: str) -> str:
     """``url`` with its password masked, for messages."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return url
+    # Rendering re-escapes the URL (":memory:" becomes "%3Amemory%3A"): only do it to hide a password.
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 def _first_line(exc: BaseException) -> str:
