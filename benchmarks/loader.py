@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import shutil
 import tempfile
 import time
@@ -25,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from hpsearch.datasets import DEBIAN_FASHION_MNIST, load_dataset
+from hpsearch.datasets import DEBIAN_FASHION_MNIST, DataConfig, batch_slices, load_dataset
 from hpsearch.models import build_model
+from hpsearch.optim import Stepper, Steps
+from hpsearch.task import CLASSIFICATION
 from hpsearch.train import resolve_device, train_epoch
 
 
@@ -79,17 +82,18 @@ def hpsearch_loop(model: nn.Module, args: argparse.Namespace, device: torch.devi
     data = load_dataset("fashion_mnist", None, str(device))
     n = args.batches * args.batch_size
     idx = torch.arange(n, device=device)
-    cfg = {
-        "data": {"batch_size": args.batch_size, "resize": args.resize, "flip": False},
-        "train": {"l1": 0.0},
-    }
+    data_cfg = DataConfig("fashion_mnist", batch_size=args.batch_size, resize=args.resize)
+    slices = batch_slices(n, args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepper = Stepper(None, Steps.EPOCH)
     g = torch.Generator(device=device).manual_seed(0)
     if device.type == "cuda" and data.train_x.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
     _sync(device)
     start = time.perf_counter()
-    train_epoch(model, data, idx, cfg, optimizer, None, nn.CrossEntropyLoss(), g, device, float("inf"))
+    train_epoch(
+        model, data, CLASSIFICATION, idx, slices, data_cfg, 0.0, optimizer, stepper, g, device, math.inf
+    )
     _sync(device)
     return n / (time.perf_counter() - start)
 

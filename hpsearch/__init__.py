@@ -7,7 +7,7 @@ The library behind the ``hpsearch`` command::
     spec = hpsearch.load_spec("quickstart")                     # a study file, validated
     study = hpsearch.open_study(spec, "sqlite:///hpsearch.db")  # create it, or resume it
     hpsearch.run_study(spec, study, n_trials=4)                 # train, report, prune, record
-    print(hpsearch.best_table(study))                           # the seed-style table
+    print(hpsearch.best_table(study).to_string())               # the seed-style table
 
 Names are imported on first use, so ``hpsearch --help`` and Ctrl-C while starting stay quick.
 """
@@ -33,7 +33,22 @@ _EXPORTS = {
     "write_table": "hpsearch.export",
     "TrialRecord": "hpsearch.record",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "HpsearchError",
+    "SpecError",
+    "StorageError",
+    "StudySpec",
+    "TrialConfig",
+    "TrialRecord",
+    "best_per",
+    "best_table",
+    "load_spec",
+    "load_stored_study",
+    "open_study",
+    "run_study",
+    "trials_table",
+    "write_table",
+]
 
 if TYPE_CHECKING:
     from hpsearch.errors import HpsearchError

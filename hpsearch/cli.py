@@ -51,7 +51,9 @@ def interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             clear = "\n" if sys.stderr.isatty() else ""  # past a progress line
-            click.echo(f"{clear}interrupted: finished trials are stored; run the same command to resume", err=True)
+            click.echo(
+                f"{clear}interrupted: finished trials are stored; run the same command to resume", err=True
+            )
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -256,13 +258,14 @@ def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     rec = TrialRecord.of(trial, study_task(study))
     state = trial.state.name.lower()
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    epochs, secs, why = rec.epochs_run, rec.run_time_s, rec.reason or ""
+    epochs, why = rec.epochs_run, rec.reason or ""
+    secs = f"{rec.run_time_s:.2f}" if rec.run_time_s < 10 else f"{rec.run_time_s:.0f}"
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
     # On a terminal, clear the progress line this one replaces.
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""
     click.echo(
         f"{clear}trial {trial.number:>4} {state:<8} value {value} epochs {epochs} "
-        f"{secs:.1f}s  {params}" + (f"  ({why})" if why and state != "complete" else ""),
+        f"{secs}s  {params}" + (f"  ({why})" if why and state != "complete" else ""),
         err=True,
     )
 
@@ -335,7 +338,9 @@ def dashboard(storage: str | None, host: str, port: int) -> None:
         hpsearch dashboard --port 8080   # then browse http://127.0.0.1:8080
     """
     from hpsearch.dashboard import serve
+    from hpsearch.storage import open_readonly
 
+    open_readonly(storage)  # a storage it cannot show is refused before the banner
     click.echo(f"dashboard on http://{host}:{port} (Ctrl-C to stop)", err=True)
     serve(storage, host=host, port=port)
 
@@ -366,14 +371,14 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
     from pathlib import Path
 
     from hpsearch.report import ReportError, attach, make_report
-    from hpsearch.storage import StorageError, load_stored_study, open_artifacts
+    from hpsearch.storage import StorageError, load_stored_study
 
     study = load_stored_study(study_name, storage)
     files = make_report(study, Path(out_dir))
     for path in files:
         click.echo(str(path))
     try:
-        attach(study.study_name, storage, files, open_artifacts(storage))
+        attach(study.study_name, storage, files)
     except (StorageError, ReportError) as exc:
         click.echo(f"not attached to the study: {exc}", err=True)
     else:

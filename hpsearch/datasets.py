@@ -145,7 +145,7 @@ class DataConfig:
         if self.test_limit > test_size:
             raise ValueError(f"test_limit {self.test_limit} is more than the {test_size} test examples")
         n = self.train_limit or train_size
-        n_val = math.floor(n * self.val_fraction)
+        n_val = validation_size(n, self.val_fraction)
         if n_val < 1 or n - n_val < 1:
             raise ValueError(
                 f"val_fraction {self.val_fraction} of {n} examples leaves {n_val} for validation and "
@@ -182,6 +182,14 @@ def load_dataset(name: str, data_dir: str | None = None, device: str = "cpu") ->
     return DATASETS[name](Path(root) if root else None).to(device)
 
 
+def validation_size(n: int, val_fraction: float) -> int:
+    """How many of ``n`` examples the validation split takes: the fraction, rounded down.
+
+    The tolerance keeps float error from rounding an exact product down (100 × 0.29 is 28.999…).
+    """
+    return math.floor(n * val_fraction + 1e-9)
+
+
 def subset(n: int, seed: int, limit: int = 0, device: str = "cpu") -> torch.Tensor:
     """A seeded random ``limit`` of the indices ``0..n-1`` (all of them, shuffled, when ``limit`` is 0)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -197,7 +205,7 @@ def split(
     test set is never part of it. Sizes are checked by ``DataConfig.check_sizes``.
     """
     perm = subset(n, seed, limit, device)
-    n_val = math.floor(len(perm) * val_fraction)
+    n_val = validation_size(len(perm), val_fraction)
     return perm[n_val:], perm[:n_val]
 
 

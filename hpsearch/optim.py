@@ -105,6 +105,17 @@ def _positive(key: str, value: int | None) -> None:
         raise ValueError(f"{key} must be at least 1, not {value}")
 
 
+def _factor(key: str, value: float) -> None:
+    # torch takes any gamma: 0 stops training, a negative one turns descent into ascent.
+    if not value > 0:
+        raise ValueError(f"{key} must be positive, not {value}")
+
+
+def _not_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{key} must be 0 or more, not {value}")
+
+
 @SCHEDULERS.register
 def none(optimizer: torch.optim.Optimizer, run: Schedule) -> None:
     """Constant learning rate."""
@@ -117,6 +128,7 @@ def step(
 ) -> Scheduler:
     """Multiply the rate by gamma every step_size epochs (StepLR; seed 003's 4 and 0.5)."""
     _positive("step_size", step_size)
+    _factor("gamma", gamma)
     return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 
 
@@ -130,6 +142,7 @@ def multistep(
     """Multiply the rate by gamma at each milestone epoch (default: at 1/2 and 3/4 of the run)."""
     for mark in milestones or ():
         _positive("each milestone", mark)
+    _factor("gamma", gamma)
     marks = milestones or [max(1, run.epochs // 2), max(1, 3 * run.epochs // 4)]
     return lr_scheduler.MultiStepLR(optimizer, milestones=sorted(set(marks)), gamma=gamma)
 
@@ -137,6 +150,7 @@ def multistep(
 @SCHEDULERS.register
 def exponential(optimizer: torch.optim.Optimizer, run: Schedule, gamma: float = 0.9) -> Scheduler:
     """Multiply the rate by gamma every epoch (ExponentialLR)."""
+    _factor("gamma", gamma)
     return lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
 
 
@@ -149,6 +163,7 @@ def cosine(
 ) -> Scheduler:
     """Cosine annealing to eta_min over T_max epochs (default: the whole run)."""
     _positive("T_max", T_max)
+    _not_negative("eta_min", eta_min)
     return lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=run.epochs if T_max is None else T_max, eta_min=eta_min
     )
@@ -164,6 +179,8 @@ def plateau(
     min_lr: float = 0.0,
 ) -> Scheduler:
     """Cut the rate by factor when the validation metric stalls for patience epochs."""
+    _not_negative("patience", patience)
+    _not_negative("min_lr", min_lr)
     return lr_scheduler.ReduceLROnPlateau(
         optimizer,
         mode=run.mode,
@@ -226,6 +243,7 @@ def polynomial(
 ) -> Scheduler:
     """Polynomial decay to zero over total_iters epochs (default: the whole run)."""
     _positive("total_iters", total_iters)
+    _not_negative("power", power)
     return lr_scheduler.PolynomialLR(
         optimizer, total_iters=run.epochs if total_iters is None else total_iters, power=power
     )

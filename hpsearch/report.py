@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,11 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.errors import HpsearchError
 from hpsearch.record import DESCRIPTION, SPEC, TrialRecord, study_task
-from hpsearch.storage import atomic_write, open_storage
+from hpsearch.storage import atomic_write, load_stored_study, open_artifacts, open_storage
 from hpsearch.task import CLASSIFICATION, Task
-
-if TYPE_CHECKING:
-    from optuna.artifacts._protocol import ArtifactStore
 
 REPORT_ATTR = "report_artifacts"
 DPI = 120
@@ -286,7 +282,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
-def attach(study_name: str, url: str | None, files: list[Path], store: ArtifactStore) -> dict[str, str]:
+def attach(study_name: str, url: str | None, files: list[Path]) -> dict[str, str]:
     """Attach ``files`` to the stored study ``study_name`` as artifacts, reusing this report's ids.
 
     Only a study hpsearch made (one that stores its spec) is written to; another program's study
@@ -295,12 +291,13 @@ def attach(study_name: str, url: str | None, files: list[Path], store: ArtifactS
     ``optuna.artifacts.get_all_artifact_meta`` then fails on. So a re-run writes new content under
     the old id instead of deleting and uploading. Returns name → id.
     """
-    storage = open_storage(url)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    if SPEC not in study.user_attrs:
+    if SPEC not in load_stored_study(study_name, url).user_attrs:  # looked at read-only first
         raise ReportError(
             f"study {study_name!r} was not made by hpsearch; its figures are not attached to it"
         )
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    store = open_artifacts(url)
     # Read the records directly so that null (dashboard-deleted) records are skipped, not fatal.
     live: dict[str, str] = {}
     system = storage.get_study_system_attrs(storage.get_study_id_from_name(study_name))

@@ -141,11 +141,29 @@ def _dummy_optimizer() -> torch.optim.Optimizer:
 
 
 def _try_optimizer(name: str | None, values: dict[str, Any]) -> object:
-    return build_optimizer(str(name), [torch.zeros(1, requires_grad=True)], **values)
+    # One real step as well: some arguments are only refused there (LBFGS's line_search_fn).
+    weight = torch.ones(1, requires_grad=True)
+    optimizer = build_optimizer(str(name), [weight], **values)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (weight**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # type: ignore[arg-type]
+    return optimizer
 
 
 def _try_scheduler(name: str | None, values: dict[str, Any]) -> object:
-    return build_scheduler(str(name), _dummy_optimizer(), Schedule(10, 10, "max"), **values)
+    optimizer = _dummy_optimizer()
+    stepper = build_scheduler(str(name), optimizer, Schedule(2, 2, "max"), **values)
+    for _ in range(2):  # the whole (short) run, as the loop steps it
+        for _ in range(2):
+            optimizer.step()  # no gradients: moves nothing, but orders the steps as torch expects
+            stepper.after_batch()
+        stepper.after_epoch(0.5)
+    return stepper
 
 
 SECTION_TABLE: dict[str, Section] = {

@@ -72,7 +72,9 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
         return open_study(spec, storage_url)
     # Names the objective in the dashboard ("validation accuracy" rather than "Objective 0").
-    study.set_metric_names([spec.task.metric_label])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.task.metric_label])
     for key, value in {
         record.SPEC: spec.raw,
         record.SPEC_SOURCE: spec.source,

@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
+from torch import nn
 
 from hpsearch.cli import main
+from hpsearch.models import MODELS
+from hpsearch.task import REGRESSION
+
+
+class Flaky(nn.Module):
+    """A linear net that raises ``error`` on its ``fail_after``-th training batch (0: never).
+
+    ``error`` is "index" (an IndexError, as a bad slice raises it) or "zero" (ZeroDivisionError):
+    the kinds of bug in a user's own network that must fail its trial, not the whole run.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, fail_after: int, error: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+        self.fail_after, self.error, self.calls = fail_after, error, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.fail_after:
+                if self.error == "zero":
+                    return self.net(x) * (1 / (self.calls - self.fail_after))
+                return self.net(x)[[10**9]]
+        return self.net(x)
+
+
+# Registered like any user's model (README, "Adding a model"); with their defaults they never fail.
+@MODELS.register(input_size=28)
+def flaky(in_channels: int, num_classes: int, *, fail_after: int = 0, error: str = "index") -> nn.Module:
+    """A linear classifier that can be told to fail on a given training batch (tests only)."""
+    return Flaky(in_channels * 28 * 28, num_classes, fail_after, error)
+
+
+@MODELS.register(input_size=None, task=REGRESSION)
+def flaky_regression(
+    in_channels: int, num_classes: int, *, fail_after: int = 0, error: str = "index"
+) -> nn.Module:
+    """A linear regression that can be told to fail on a given training batch (tests only)."""
+    return Flaky(in_channels, num_classes, fail_after, error)
+
 
 # A grid over known configurations, so the fixture always holds complete, pruned (by the
 # threshold pruner) and diverged trials; the synthetic data keeps it to seconds on a CPU.
@@ -24,6 +69,7 @@ pruner = { name = "threshold", lower = 0.5 }
 [data]
 name = "synthetic"
 batch_size = 64
+train_limit = 300
 
 [model]
 name = "mnist_cnn"
@@ -78,6 +124,35 @@ def write_study(folder: Path, name: str, text: str) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry of ``folder``: a file's SHA-256, or "folder".
+
+    SQLite's own side files of a WAL-mode database are left out where they hold no data: a reader
+    creates the shared-memory index (``-shm``) and an empty ``-wal``, and cannot remove them.
+    """
+    out = {}
+    for p in folder.iterdir():
+        if p.name.endswith("-shm") or (p.name.endswith("-wal") and p.stat().st_size == 0):
+            continue
+        out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+    return out
+
+
+def quiet_copy(url: str, target: Path, journal: str = "wal") -> str:
+    """A copy of an SQLite study file with no connection left open to it, in ``journal`` mode.
+
+    "wal" is how ``hpsearch run`` leaves a file, "delete" how plain Optuna does.
+    """
+    source = url.removeprefix("sqlite:///")
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(target)) as dst,
+    ):
+        src.backup(dst)
+        assert dst.execute(f"PRAGMA journal_mode={journal}").fetchone() == (journal,)
+    return f"sqlite:///{target}"
 
 
 def run_cli(*args: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,8 +22,11 @@ import numpy as np
 import optuna
 import optuna_dashboard
 import pytest
+from click.testing import CliRunner
 
-from hpsearch.dashboard import spawn, spec_note, write_spec_notes
+from conftest import quiet_copy, run_cli, snapshot, write_study
+from hpsearch.cli import main
+from hpsearch.dashboard import spawn, spec_note, write_spec_note
 from hpsearch.storage import open_storage
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -74,6 +79,7 @@ def build_study(url: str) -> tuple[int, int]:
     storage = open_storage(url)
     study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize")
     add_spec_attrs(study, STUDY)
+    write_spec_note(study, DESCRIPTION, SPEC_SOURCE)  # as `hpsearch run` does when it creates a study
     for i, (opt, lr) in enumerate([("sgd", 0.05), ("adam", 1e-3), ("sgd", 1e-4), ("adam", 3e-3)]):
         study.enqueue_trial({"optimizer.name": opt, "optimizer.lr": lr})
         trial = study.ask()
@@ -111,27 +117,106 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     try:
         yield Dashboard(f"http://127.0.0.1:{port}", url, study_id, live_id)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
-def test_spec_notes_written_once(tmp_path: Path) -> None:
-    storage = open_storage(f"sqlite:///{tmp_path / 'n.db'}")
-    study = optuna.create_study(study_name="a", storage=storage)
-    optuna.create_study(study_name="no-spec", storage=storage)
-    add_spec_attrs(study, "a")
-    assert write_spec_notes(storage) == 1
-    assert write_spec_notes(storage) == 0
+# A study file whose text holds a run of three backticks: the note's code fence must be longer.
+NOTE_STUDY = """
+[study]
+description = "note test: a ``` run in the description"
+n_trials = 1
+pruner = "none"
+
+[data]
+name = "toy_regression"
+batch_size = 128
+
+[model]
+name = "mlp"
+
+[optimizer]
+name = "adam"
+lr = 0.01
+
+[train]
+epochs = 1
+"""
+
+
+@dataclass
+class NoteStudy:
+    name: str
+    url: str
+    source: str
+
+
+@pytest.fixture(scope="module")
+def note_study(tmp_path_factory: pytest.TempPathFactory) -> NoteStudy:
+    """NOTE_STUDY run by `hpsearch run` into a fresh SQLite file."""
+    folder = tmp_path_factory.mktemp("note")
+    path = write_study(folder, "noted", NOTE_STUDY)
+    url = f"sqlite:///{folder / 'hpsearch.db'}"
+    run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu")
+    return NoteStudy("noted", url, NOTE_STUDY)
+
+
+def test_hpsearch_run_shows_the_study_file_as_the_note(note_study: NoteStudy) -> None:
+    study = optuna.load_study(study_name=note_study.name, storage=note_study.url)
     note = optuna_dashboard.get_note(study)
-    assert note.startswith("# a\n\n" + DESCRIPTION + "\n\n```toml\n")
-    assert SPEC_SOURCE.replace(STUDY, "a").rstrip() in note
-    study.set_user_attr("spec_source", 'x = """```"""\n')
-    assert write_spec_notes(storage) == 1
-    assert "````toml\n" in optuna_dashboard.get_note(study)
+    description = "note test: a ``` run in the description"
+    assert note == spec_note(note_study.name, description, note_study.source)
+    assert note.startswith(f"# {note_study.name}\n\n{description}\n\n````toml\n")
+    assert note.endswith(f"{NOTE_STUDY.strip()}\n````\n")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.slow  # starts a dashboard process
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_serving_leaves_the_study_file_unchanged(note_study: NoteStudy, tmp_path: Path, journal: str) -> None:
+    url = quiet_copy(note_study.url, tmp_path / "studies.db", journal)
+    before = snapshot(tmp_path)
+    port = free_port()
+    proc = spawn(url, port=port)  # returns once GET /api/meta answers
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert get_json(f"{base}/api/meta")[0] == 200
+        _, listing = get_json(f"{base}/api/studies")
+        [summary] = listing["study_summaries"]
+        _, detail = get_json(f"{base}/api/studies/{summary['study_id']}")
+        assert detail["note"]["body"] == optuna_dashboard.get_note(
+            optuna.load_study(study_name=note_study.name, storage=note_study.url)
+        )
+    finally:
+        stop(proc)
+    assert snapshot(tmp_path) == before
+
+
+def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "bank.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
+        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
+        con.commit()
+    before = snapshot(tmp_path)
+    # The port is taken, so a dashboard that got past the storage would fail to bind, not serve forever.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = CliRunner().invoke(main, ["dashboard", "--storage", f"sqlite:///{db}", "--port", port])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "accounts" in lines[0] and str(db) in lines[0]
+    assert snapshot(tmp_path) == before
 
 
 def test_api_lists_study_trials_and_note(dashboard: Dashboard) -> None:
@@ -180,12 +265,21 @@ def run_chromium(args: list[str], timeout: float = 40) -> subprocess.CompletedPr
 
 def chromium_flags(profile: Path) -> list[str]:
     return [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1280,900", "--virtual-time-budget=10000",
-    ]  # fmt: skip
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+        "--virtual-time-budget=10000",
+    ]
 
 
+@pytest.mark.slow  # Chromium renders the page twice
 def test_chromium_renders_study_page(dashboard: Dashboard, tmp_path: Path) -> None:
     page = f"{dashboard.base}/dashboard/studies/{dashboard.study_id}"
     shot = tmp_path / "shot.png"
@@ -210,12 +304,15 @@ def test_chromium_renders_study_page(dashboard: Dashboard, tmp_path: Path) -> No
     assert "optimizer.lr" in html
 
 
+@pytest.mark.slow  # a writer process adds 30 trials while the dashboard answers
 def test_api_answers_while_a_worker_writes(dashboard: Dashboard) -> None:
     n_new = 30
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, dashboard.url, LIVE, str(n_new)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
         statuses: list[int] = []

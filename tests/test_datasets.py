@@ -15,17 +15,22 @@ from hpsearch import datasets
 from hpsearch.datasets import (
     DATASETS,
     DEBIAN_FASHION_MNIST,
+    DataConfig,
     DataNotFound,
     Dataset,
+    batch_slices,
     cache_dir,
     cifar10,
     fashion_mnist,
     mnist,
     read_idx,
     split,
+    subset,
     synthetic,
     toy_regression,
 )
+from hpsearch.errors import HpsearchError
+from hpsearch.task import CLASSIFICATION, REGRESSION
 
 FILES = (
     "train-images-idx3-ubyte",
@@ -93,7 +98,7 @@ def test_real_fashion_mnist_from_debian() -> None:
         f"{DEBIAN_FASHION_MNIST} missing: apt-get install dataset-fashion-mnist"
     )
     ds = fashion_mnist(None)
-    assert ds.name == "fashion_mnist" and ds.task == "classification" and ds.num_outputs == 10
+    assert ds.name == "fashion_mnist" and ds.task is CLASSIFICATION and ds.num_outputs == 10
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_x.dtype == torch.uint8 and ds.test_x.dtype == torch.uint8
     assert ds.train_y.shape == (60000,) and ds.test_y.shape == (10000,)
@@ -102,7 +107,7 @@ def test_real_fashion_mnist_from_debian() -> None:
     assert ds.train_y.bincount().tolist() == [6000] * 10
     assert ds.test_y.bincount().tolist() == [1000] * 10
     assert int(ds.train_x.max()) == 255 and int(ds.train_x.min()) == 0
-    assert ds.in_channels == 1 and ds.image_size == 28 == DATASETS.meta["fashion_mnist"]["image_size"]
+    assert ds.in_channels == 1 and ds.image_size == 28 == DATASETS.facts("fashion_mnist").image_size
     # The mean the inputs are normalised with is the data's own.
     assert ds.train_x.float().mean().item() / 255 == pytest.approx(ds.mean[0], abs=1e-3)
 
@@ -132,11 +137,17 @@ def test_fashion_layout_uses_its_own_names(tmp_path: Path) -> None:
     assert_same(fashion_mnist(tmp_path / "data2"), arrays)
 
 
-def test_idx_header_is_big_endian() -> None:
-    # 0x00000803 then dims, most significant byte first, as in the files LeCun published.
+def test_idx_header_is_big_endian(tmp_path: Path) -> None:
+    # 0x00000803 then dims, most significant byte first, as in the files LeCun published. The
+    # files the other tests write follow it, and the reader reads a header written out by hand.
     data = idx_bytes(np.zeros((2, 28, 28), dtype=np.uint8))
     assert data[:8] == bytes([0, 0, 8, 3, 0, 0, 0, 2])
     assert idx_bytes(np.zeros(300, dtype=np.uint8))[:8] == bytes([0, 0, 8, 1, 0, 0, 1, 44])
+    labels = tmp_path / "labels-idx1-ubyte"
+    labels.write_bytes(bytes([0, 0, 8, 1, 0, 0, 1, 44]) + bytes(range(256)) + bytes(range(44)))
+    out = read_idx(labels)
+    assert out.shape == (300,) and out.dtype == torch.uint8
+    assert out[255].item() == 255 and out[299].item() == 43
 
 
 def test_read_idx_wider_types(tmp_path: Path) -> None:
@@ -295,18 +306,24 @@ def test_every_dataset_loads_or_says_where_to_put_it(tmp_path: Path, name: str) 
     try:
         ds = DATASETS[name](tmp_path)
     except DataNotFound as exc:
+        assert isinstance(exc, HpsearchError)  # the CLI turns it into one "Error:" line
         assert name in str(exc) and "--data-dir" in str(exc)
         return
-    meta = DATASETS.meta[name]
-    assert ds.name == name and ds.task == meta["task"]
-    assert len(ds.train_x) == len(ds.train_y) and len(ds.test_x) == len(ds.test_y)
-    if ds.task == "classification":
-        assert ds.image_size == meta["image_size"] and ds.train_x.dtype == torch.uint8
+    # The facts a study file is checked against before loading are those of the data as loaded.
+    facts = DATASETS.facts(name)
+    assert ds.name == name and ds.task is facts.task and ds.num_outputs == facts.outputs
+    assert len(ds.train_x) == len(ds.train_y) == facts.train_size
+    assert len(ds.test_x) == len(ds.test_y) == facts.test_size
+    assert ds.image_size == facts.image_size
+    if ds.task is CLASSIFICATION:
+        assert ds.train_x.dtype == torch.uint8
         assert len(ds.mean) == len(ds.std) == ds.in_channels
         assert set(ds.train_y.unique().tolist()) <= set(range(ds.num_outputs))
+    else:
+        assert ds.train_y.shape == (facts.train_size, facts.outputs)
 
 
-# Splits.
+# Splits, subsets and batches.
 
 
 def test_split() -> None:
@@ -327,15 +344,109 @@ def test_split_limit() -> None:
     both = train.tolist() + val.tolist()
     assert len(set(both)) == 300 and all(0 <= i < 1000 for i in both)
     assert torch.equal(split(1000, 0.1, seed=0, limit=300)[1], val)
-    # A limit above the data keeps everything.
-    train, val = split(50, 0.1, seed=0, limit=500)
-    assert len(train) + len(val) == 50
+    # The limited split is the same seeded subset that subset() draws.
+    assert sorted(both) == sorted(subset(1000, 0, 300).tolist())
 
 
-def test_split_edges() -> None:
-    train, val = split(10, 0.0, seed=0)
-    assert len(val) == 0 and sorted(train.tolist()) == list(range(10))
-    assert len(split(10, 0.01, seed=0)[1]) == 1  # a positive fraction keeps at least one example
+def test_split_rounds_the_validation_set_down() -> None:
+    # floor(n · fraction): DataConfig.check_sizes refuses the sizes where that leaves no example.
+    assert [len(split(n, 0.1, seed=0)[1]) for n in (9, 10, 19, 20, 701, 783)] == [0, 1, 1, 2, 70, 78]
+    assert len(split(10, 0.01, seed=0)[1]) == 0
+
+
+def test_subset() -> None:
+    first = subset(100, seed=3, limit=30)
+    assert len(first) == 30 and len(set(first.tolist())) == 30
+    assert all(0 <= i < 100 for i in first.tolist())
+    assert torch.equal(subset(100, seed=3, limit=30), first)  # seeded
+    assert not torch.equal(subset(100, seed=4, limit=30), first)  # another seed, another subset
+    # limit 0 keeps every index, shuffled.
+    every = subset(100, seed=3)
+    assert sorted(every.tolist()) == list(range(100)) and every.tolist() != list(range(100))
+    # A limit is a prefix of the seed's permutation: a larger limit keeps the smaller one's examples.
+    assert torch.equal(every[:30], first)
+    assert subset(100, seed=3, limit=30, device="meta").device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "sizes"),
+    [
+        (719, 64, [64] * 11 + [15]),  # 719 = 11·64 + 15: a short last batch is kept
+        (705, 64, [64] * 11),  # 705 = 11·64 + 1: the last batch of one is dropped
+        (65, 64, [64]),
+        (64, 64, [64]),
+        (1, 64, [1]),  # a single batch of one is the whole epoch: kept
+        (1, 1, [1]),
+        (3, 1, [1, 1, 1]),  # batch size 1: every batch is one example and none is dropped
+        (10, 3, [3, 3, 3]),
+        (11, 3, [3, 3, 3, 2]),
+        (0, 8, []),
+    ],
+)
+def test_batch_slices(n: int, batch_size: int, sizes: list[int]) -> None:
+    slices = batch_slices(n, batch_size)
+    assert [s.stop - s.start for s in slices] == sizes
+    # Consecutive, from 0, without overlap.
+    assert [s.start for s in slices] == [batch_size * i for i in range(len(slices))]
+    assert all(s.step is None for s in slices)
+
+
+def test_batch_slices_cover_every_example_but_a_trailing_one() -> None:
+    for n in range(1, 140):
+        for batch_size in (1, 2, 7, 64, 200):
+            slices = batch_slices(n, batch_size)
+            covered = [i for s in slices for i in range(n)[s]]
+            dropped = len(slices) > 0 and n % batch_size == 1 and n > batch_size
+            assert covered == list(range(n - 1 if dropped else n)), (n, batch_size)
+            assert all(s.stop - s.start >= 2 for s in slices) or batch_size == 1 or n == 1
+
+
+# [data]: ranges checked at construction, sizes checked against the dataset.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 1.5}, "val_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -64}, "batch_size"),
+        ({"train_limit": -1}, "train_limit"),
+        ({"test_limit": -5}, "test_limit"),
+        ({"resize": -28}, "resize"),
+    ],
+)
+def test_data_config_ranges(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DataConfig(name="synthetic", **kwargs)  # type: ignore[arg-type]
+
+
+def test_data_config_defaults_and_edges() -> None:
+    cfg = DataConfig(name="synthetic")
+    assert (cfg.batch_size, cfg.val_fraction, cfg.train_limit, cfg.test_limit) == (128, 0.1, 0, 0)
+    DataConfig(name="synthetic", batch_size=1, val_fraction=0.999, train_limit=0, test_limit=0, resize=0)
+
+
+def test_check_sizes() -> None:
+    facts = DATASETS.facts("synthetic")
+    assert (facts.train_size, facts.test_size) == (800, 200)
+    DataConfig(name="synthetic", train_limit=800, test_limit=200).check_sizes(800, 200)
+    with pytest.raises(ValueError, match="train_limit 801 is more than the 800 training examples"):
+        DataConfig(name="synthetic", train_limit=801).check_sizes(800, 200)
+    with pytest.raises(ValueError, match="test_limit 201 is more than the 200 test examples"):
+        DataConfig(name="synthetic", test_limit=201).check_sizes(800, 200)
+    # 10 % of 9 examples is no validation example at all; of 10, one.
+    with pytest.raises(ValueError, match="leaves 0 for validation"):
+        DataConfig(name="synthetic", train_limit=9).check_sizes(800, 200)
+    DataConfig(name="synthetic", train_limit=10).check_sizes(800, 200)
+    # Without a limit the dataset's own size counts: files holding 5 examples leave none either.
+    with pytest.raises(ValueError, match="of 5 examples leaves 0"):
+        DataConfig(name="synthetic").check_sizes(5, 3)
+    with pytest.raises(ValueError, match="leaves 0 for validation"):
+        DataConfig(name="synthetic", val_fraction=0.01).check_sizes(99, 200)
+    DataConfig(name="synthetic", val_fraction=0.01).check_sizes(100, 200)
 
 
 # Model inputs.
@@ -343,7 +454,7 @@ def test_split_edges() -> None:
 
 def tiny_dataset(x: torch.Tensor) -> Dataset:
     y = torch.zeros(len(x), dtype=torch.long)
-    return Dataset("tiny", "classification", x, y, x, y, 10, (0.2860,), (0.3530,))
+    return Dataset("tiny", CLASSIFICATION, x, y, x, y, 10, (0.2860,), (0.3530,))
 
 
 def test_inputs_normalise() -> None:
@@ -400,7 +511,7 @@ def test_regression_inputs_pass_through() -> None:
 
 def test_toy_regression() -> None:
     ds = toy_regression(None)
-    assert ds.task == "regression" and ds.num_outputs == 1
+    assert ds.task is REGRESSION and ds.num_outputs == 1
     assert ds.train_x.shape == (1000, 1) and ds.train_y.shape == (1000, 1)
     assert ds.train_x.dtype == torch.float32
     assert ds.train_x.min().item() == -1.0 and ds.train_x.max().item() == 1.0
@@ -415,7 +526,7 @@ def test_toy_regression() -> None:
 
 def test_synthetic() -> None:
     ds = synthetic(None)
-    assert ds.task == "classification" and ds.num_outputs == 10
+    assert ds.task is CLASSIFICATION and ds.num_outputs == 10
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape[1:] == (1, 28, 28)
     assert ds.train_y.bincount().tolist() == [len(ds.train_y) // 10] * 10
     assert set(ds.test_y.tolist()) == set(range(10))

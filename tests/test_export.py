@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import json
 import math
+import os
 import sqlite3
+import subprocess
+import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,16 +19,28 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
-import tomllib
 from click.testing import CliRunner, Result
 
-from conftest import StoredStudy, run_cli, write_study
+from conftest import StoredStudy, quiet_copy, run_cli, snapshot, write_study
 from hpsearch.cli import main
 from hpsearch.spec import load_spec
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
-FIXED = ["optimizer", "lr", "momentum", "weight_decay", "batch_size", "scheduler", "epochs_run", "val_acc",
-         "test_acc", "train_loss", "run_time_s", "examples_per_s", "trial"]  # fmt: skip
+FIXED = [
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "scheduler",
+    "epochs_run",
+    "val_acc",
+    "test_acc",
+    "train_loss",
+    "run_time_s",
+    "examples_per_s",
+    "trial",
+]
 
 # Every trial completes (no pruner), two per optimizer, so --best-per has groups to pick from;
 # SGD carries a conditional momentum and a step scheduler, so those columns hold values.
@@ -55,11 +73,38 @@ step_size = 1
 [train]
 epochs = 2
 """
-# Regression (minimize MSE); torch refuses the negative rate, so one trial fails.
+# Regression (minimize MSE). The two trials whose model is told to fail on its first training batch
+# (conftest's flaky_regression, registered like a user's model) end FAIL with an IndexError.
 TOY_STUDY = """
 [study]
-n_trials = 3
 sampler = "grid"
+pruner = "none"
+
+[data]
+name = "toy_regression"
+batch_size = 100
+
+[model]
+name = "flaky_regression"
+fail_after = { choices = [0, 1] }
+
+[optimizer]
+name = { choices = ["adam", "lbfgs"] }
+
+[optimizer.adam]
+lr = 0.01
+
+[optimizer.lbfgs]
+lr = 0.5
+
+[train]
+epochs = 3
+"""
+# One trial that trains epoch 1 at a thousandth of its rate (warm-up), then diverges in epoch 2 at
+# the full rate.
+LATE_DIVERGENCE_STUDY = """
+[study]
+n_trials = 1
 pruner = "none"
 
 [data]
@@ -70,8 +115,13 @@ batch_size = 100
 name = "mlp"
 
 [optimizer]
-name = "adam"
-lr = { choices = [0.01, 0.1, -1.0] }
+name = "sgd"
+lr = 10.0
+
+[scheduler]
+name = "warmup"
+warmup_epochs = 1
+start_factor = 0.001
 
 [train]
 epochs = 3
@@ -91,10 +141,8 @@ class Storage:
 def storage(synthetic_study: StoredStudy, tmp_path_factory: pytest.TempPathFactory) -> Storage:
     """A copy of the fixture's storage plus two more studies; the shared fixture stays untouched."""
     folder = tmp_path_factory.mktemp("export")
-    source = synthetic_study.storage.removeprefix("sqlite:///")
-    with sqlite3.connect(source) as src, sqlite3.connect(folder / "hpsearch.db") as dst:
-        src.backup(dst)  # the backup API also copies what still sits in the WAL file
-    url = f"sqlite:///{folder / 'hpsearch.db'}"
+    # The backup API also copies what still sits in the WAL file.
+    url = quiet_copy(synthetic_study.storage, folder / "hpsearch.db", "wal")
     for name, text in (("pair", PAIR_STUDY), ("toy", TOY_STUDY)):
         run_cli("run", "--study", str(write_study(folder, name, text)), "--storage", url, "--device", "cpu")
     return Storage(url, folder)
@@ -158,8 +206,11 @@ def test_fixture_study_best_row(storage: Storage, synthetic_study: StoredStudy) 
     df = export_csv(storage, "--study", synthetic_study.name)
     assert len(df) == len(study.get_trials(states=(COMPLETE,)))
     assert_row_is_trial(df.iloc[0], study.best_trial)
-    # Adam takes no momentum: the column is empty, yet numeric.
-    assert df["momentum"].isna().all() and df["momentum"].dtype == float
+    # Adam takes no momentum: its cells are empty, yet the column is numeric. SGD's stored config
+    # holds the builder's own default, 0.
+    adam = df["optimizer"] == "adam"
+    assert adam.any() and df.loc[adam, "momentum"].isna().all() and df["momentum"].dtype == float
+    assert (df.loc[df["optimizer"] == "sgd", "momentum"] == 0).all()
 
 
 def test_top_keeps_the_best_k(storage: Storage) -> None:
@@ -213,8 +264,14 @@ def test_trials_lists_every_trial_with_reasons(storage: Storage, synthetic_study
     assert len(diverged) > 0 and len(stopped) > 0 and len(diverged) + len(stopped) == len(pruned)
     for _, row in stopped.iterrows():
         trial = trials[int(row["trial"])]
-        assert row["pruned_at_epoch"] == max(trial.intermediate_values)
+        assert row["pruned_at_epoch"] == max(trial.intermediate_values) == trial.user_attrs["stop_epoch"]
+        assert row["reason"].startswith(f"pruned at epoch {int(row['pruned_at_epoch'])}:")
         assert row["value"] == trial.value
+    for _, row in diverged.iterrows():
+        trial = trials[int(row["trial"])]
+        # It stopped inside the epoch it was training: one past the last one it finished.
+        assert row["pruned_at_epoch"] == trial.user_attrs["stop_epoch"] == len(trial.intermediate_values) + 1
+        assert row["reason"].startswith(f"diverged in epoch {int(row['pruned_at_epoch'])}:")
     complete = df[df["state"] == "complete"]
     assert complete["reason"].isna().all() and complete["pruned_at_epoch"].isna().all()
     assert pd.api.types.is_numeric_dtype(df["pruned_at_epoch"])
@@ -222,11 +279,35 @@ def test_trials_lists_every_trial_with_reasons(storage: Storage, synthetic_study
 
 def test_trials_shows_a_failed_trial(storage: Storage) -> None:
     df = export_csv(storage, "--study", "toy", "--trials")
-    failed = df[df["state"] == "fail"]
-    assert len(failed) == 1
-    assert failed["reason"].iloc[0].startswith("ValueError") and "learning rate" in failed["reason"].iloc[0]
-    # It failed before its config was stored; the sampled rate still shows.
-    assert failed["lr"].iloc[0] == -1.0 and math.isnan(failed["value"].iloc[0])
+    failed = df[df["state"] == "fail"].sort_values("optimizer")
+    assert len(failed) == 2
+    assert all(r.startswith("IndexError: ") for r in failed["reason"])
+    # They failed in their first step, after their config was stored: the rate shows, no epoch or value.
+    assert list(failed["optimizer"]) == ["adam", "lbfgs"] and list(failed["lr"]) == [0.01, 0.5]
+    assert (failed["epochs_run"] == 0).all() and failed["value"].isna().all()
+    assert failed["pruned_at_epoch"].isna().all()
+
+
+def test_trials_shows_the_epoch_a_trial_diverged_in(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    path = write_study(tmp_path, "late", LATE_DIVERGENCE_STUDY)
+    run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu")
+    [trial] = optuna.load_study(study_name="late", storage=url).get_trials()
+    result = invoke("export", "--storage", url, "--study", "late", "--trials", "--format", "json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+
+    assert trial.state == PRUNED and list(trial.intermediate_values) == [1]
+    assert row["state"] == "pruned" and row["epochs_run"] == 1
+    # Epoch 1 finished and was evaluated; the loss blew up in epoch 2, at its last batch at the latest.
+    assert row["pruned_at_epoch"] == 2
+    assert row["reason"].startswith("diverged in epoch 2: training loss reached ")
+    assert "(limit 1e+04) by batch " in row["reason"]
+    assert row["value"] == row["val_mse"] == trial.intermediate_values[1]
+    # The last finished epoch's data loss; SGD's stored config holds its builder's defaults.
+    assert row["train_loss"] == trial.user_attrs["train_loss"][-1] < 1e4
+    assert row["momentum"] == 0 and trial.user_attrs["config"]["optimizer"]["dampening"] == 0
+    assert trial.user_attrs["l1_penalty"] == [0.0]
 
 
 def test_several_studies_one_row_each(storage: Storage, synthetic_study: StoredStudy) -> None:
@@ -327,14 +408,17 @@ def test_missing_storage_file_is_not_created(tmp_path: Path) -> None:
 
 
 def test_option_misuse_is_a_usage_error(storage: Storage) -> None:
-    for args in ([], ["--study", "pair", "--all-studies"],
-                 ["--study", "pair", "--study", "toy", "--top", "1"],
-                 ["--study", "pair", "--trials", "--best-per", "optimizer.name"]):  # fmt: skip
+    for args in (
+        [],
+        ["--study", "pair", "--all-studies"],
+        ["--study", "pair", "--study", "toy", "--top", "1"],
+        ["--study", "pair", "--trials", "--best-per", "optimizer.name"],
+    ):
         result = invoke("export", "--storage", storage.url, *args)
         assert result.exit_code == 2 and "Traceback" not in result.output, args
 
 
-def test_best_prints_a_study_file_that_reruns_the_best_trial(storage: Storage, tmp_path: Path) -> None:
+def test_best_prints_a_study_file_of_the_best_trial(storage: Storage, tmp_path: Path) -> None:
     study = storage.study("pair")
     best = study.best_trial
     result = invoke("best", "--storage", storage.url, "--study", "pair")
@@ -351,7 +435,17 @@ def test_best_prints_a_study_file_that_reruns_the_best_trial(storage: Storage, t
     trial = optuna.create_study().ask()
     expected = {**best.user_attrs["config"]}
     expected["train"] = {**expected["train"], "seed": best.user_attrs["seed"]}
-    assert spec.sample(trial) == expected and trial.params == {}
+    assert spec.sample(trial).as_dict() == expected and trial.params == {}
+
+
+@pytest.mark.slow  # retrains the trial
+def test_the_study_file_best_prints_retrains_the_trial(storage: Storage, tmp_path: Path) -> None:
+    best = storage.study("pair").best_trial
+    result = invoke("best", "--storage", storage.url, "--study", "pair")
+    assert result.exit_code == 0, result.output
+    path = write_study(tmp_path, "pair-best", result.stdout)
+    expected = {**best.user_attrs["config"]}
+    expected["train"] = {**expected["train"], "seed": best.user_attrs["seed"]}
 
     # The same split, configuration and seed: the retrained trial repeats the stored one.
     url = f"sqlite:///{tmp_path / 'rerun.db'}"
@@ -365,10 +459,145 @@ def test_best_prints_a_study_file_that_reruns_the_best_trial(storage: Storage, t
 def test_best_floats_round_trip_exactly(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'h.db'}"
     study = optuna.create_study(study_name="floats", storage=url)
-    config = {"data": {"name": "synthetic", "batch_size": 64, "flip": True},
-              "model": {"name": "mnist_cnn"}, "optimizer": {"name": "sgd", "lr": 0.1 + 0.2,
-              "momentum": 1e-05, "dampening": 1 / 3}, "train": {"epochs": 1}}  # fmt: skip
+    config = {
+        "data": {"name": "synthetic", "batch_size": 64, "flip": True},
+        "model": {"name": "mnist_cnn"},
+        "optimizer": {"name": "sgd", "lr": 0.1 + 0.2, "momentum": 1e-05, "dampening": 1 / 3},
+        "train": {"epochs": 1},
+    }
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"config": config}))
     text = invoke("best", "--storage", url, "--study", "floats").stdout
     spec = load_spec(write_study(tmp_path, "floats", text))
-    assert {k: v for k, v in spec.raw.items() if k != "study"} == config
+    # load_spec writes the defaults in; every value given comes back bit for bit.
+    for section, table in config.items():
+        assert {k: spec.raw[section][k] for k in table} == table, section
+
+
+def test_best_is_valid_toml_whatever_the_study_name(tmp_path: Path) -> None:
+    # A study made by another program may be named anything; the name lands in a comment and a string.
+    name = 'two\nlines [data] = "x" # \\'
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    config = {
+        "data": {"name": "synthetic", "batch_size": 64},
+        "model": {"name": "mnist_cnn"},
+        "optimizer": {"name": "adam", "lr": 0.003, "betas": [0.9, 0.999]},
+        "train": {"epochs": 1},
+    }
+    study.add_trial(optuna.trial.create_trial(value=0.75, user_attrs={"config": config, "seed": 7}))
+    result = invoke("best", "--storage", url, "--study", name)
+    assert result.exit_code == 0, result.output
+    sections = tomllib.loads(result.stdout)
+    assert sections["study"]["description"] == f"best trial 0 of {name}"
+    assert sections["train"] == {"epochs": 1, "seed": 7}
+    spec = load_spec(write_study(tmp_path, "renamed", result.stdout))
+    assert spec.n_trials == 1 and spec.param_names() == []
+    for section, table in config.items():
+        assert {k: spec.raw[section][k] for k in table} == table, section
+
+
+def test_best_of_a_study_file_made_elsewhere_notes_it(storage: Storage, tmp_path: Path) -> None:
+    stored = invoke("best", "--storage", storage.url, "--study", "pair")
+    assert stored.exit_code == 0 and stored.stderr == "", stored.output
+    # The file the study was made from: no note.
+    same = invoke("best", "--storage", storage.url, "--study", str(storage.folder / "pair.toml"))
+    assert same.exit_code == 0 and same.stdout == stored.stdout and same.stderr == "", same.output
+
+    # Another file of the same name: the stored study's best trial, and a note naming both.
+    (tmp_path / "other").mkdir()
+    other = write_study(tmp_path / "other", "pair", PAIR_STUDY.replace("0.003", "0.01"))
+    result = invoke("best", "--storage", storage.url, "--study", str(other))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == stored.stdout
+    [note] = result.stderr.splitlines()
+    assert note.startswith("note: ") and "'pair'" in note and str(other) in note
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_export_and_best_only_read(storage: Storage, tmp_path: Path, journal: str) -> None:
+    url = quiet_copy(storage.url, tmp_path / "studies.db", journal)
+    before = snapshot(tmp_path)
+    for args in (
+        ["export", "--study", "pair", "-o", str(tmp_path / "best.csv")],
+        ["export", "--study", "toy", "--trials"],
+        ["export", "--study", "pair", "--best-per", "optimizer.name"],
+        ["export", "--all-studies"],
+        ["best", "--study", "pair"],
+    ):
+        result = invoke(*args, "--storage", url)
+        assert result.exit_code == 0, (args, result.output)
+    # The database is byte for byte what it was, and the one file asked for is the only new one.
+    after = snapshot(tmp_path)
+    assert after.pop("best.csv") and after == before
+
+
+# Linux capabilities that let root ignore file permissions (linux/capability.h), and prctl's request
+# to drop one for good from a process and whatever it runs.
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _permissions_apply() -> None:
+    """In a child about to run the command: make file permissions apply, also to root.
+
+    CI containers run as root, and root reads and writes past permission bits through two
+    capabilities; dropped from the bounding set before the command starts, the command has neither.
+    """
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+            if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot drop root's file-permission override")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: several seconds
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_export_reads_a_write_protected_study(storage: Storage, tmp_path: Path, journal: str) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    db = folder / "studies.db"
+    url = quiet_copy(storage.url, db, journal)
+    expected = export_csv(storage, "--study", "pair")
+    before = snapshot(folder)
+    db.chmod(0o444)
+    folder.chmod(0o555)
+    hpsearch = [sys.executable, "-m", "hpsearch"]
+    probe = [sys.executable, "-c", f"open({str(folder / 'probe')!r}, 'w')"]
+    try:
+        # The set-up holds: the command's process could write nothing there.
+        denied = subprocess.run(probe, preexec_fn=_permissions_apply, capture_output=True, text=True)
+        done = subprocess.run(
+            [*hpsearch, "export", "--storage", url, "--study", "pair"],
+            preexec_fn=_permissions_apply,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        folder.chmod(0o755)
+        db.chmod(0o644)
+    assert denied.returncode != 0 and "PermissionError" in denied.stderr, denied.stderr
+    assert done.returncode == 0, done.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(done.stdout)), expected)
+    assert snapshot(folder) == before
+
+
+def foreign_database(path: Path) -> str:
+    """Another program's SQLite database: one table, ``accounts``."""
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
+        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
+        con.commit()
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["export", "--study", "pair"], ["export", "--all-studies"], ["best", "--study", "pair"]],
+    ids=["export", "export-all", "best"],
+)
+def test_foreign_database_is_refused_untouched(tmp_path: Path, args: list[str]) -> None:
+    url = foreign_database(tmp_path / "bank.db")
+    before = snapshot(tmp_path)
+    result = invoke(*args, "--storage", url)
+    assert_one_line_error(result, "accounts", str(tmp_path / "bank.db"))
+    assert snapshot(tmp_path) == before

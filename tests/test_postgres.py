@@ -19,21 +19,32 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+import sqlalchemy
+from click.testing import CliRunner, Result
 from optuna.trial import TrialState
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from conftest import QUICK_STUDY, run_cli, write_study
 from hpsearch.cli import main
+from hpsearch.report import make_report
+from hpsearch.storage import load_stored_study
 
 PG_VARS = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
 
+# Every test here starts a run or a server session: seconds each.
+pytestmark = pytest.mark.slow
 
-def _pg_url() -> str | None:
+
+def _pg_url(database: str | None = None) -> str | None:
     env = os.environ
     if not all(env.get(var) for var in PG_VARS):
         return None
-    common = {"username": env["PGUSER"], "password": env.get("PGPASSWORD"), "database": env["PGDATABASE"]}
+    common = {
+        "username": env["PGUSER"],
+        "password": env.get("PGPASSWORD"),
+        "database": database or env["PGDATABASE"],
+    }
     if env["PGHOST"].startswith("/"):  # a socket folder: libpq takes it as the host parameter
         url = URL.create("postgresql+psycopg", query={"host": env["PGHOST"], "port": env["PGPORT"]}, **common)
     else:
@@ -41,8 +52,8 @@ def _pg_url() -> str | None:
     return url.render_as_string(hide_password=False)
 
 
-def pg_url() -> str:
-    url = _pg_url()
+def pg_url(database: str | None = None) -> str:
+    url = _pg_url(database)
     if url is None:
         missing = ", ".join(var for var in PG_VARS if not os.environ.get(var))
         pytest.fail(
@@ -124,3 +135,79 @@ def test_export_reads_the_study_back(tmp_path: Path, study_name: str) -> None:
     complete = [t for t in stored_trials(study_name, url) if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     assert len(table) == len(complete)
+
+
+def contents(url: str) -> dict[str, list[str]]:
+    """Every table of the database at ``url`` and its rows, in a comparable form."""
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            names = sqlalchemy.inspect(conn).get_table_names()
+            return {
+                n: sorted(map(repr, conn.execute(sqlalchemy.text(f'SELECT * FROM "{n}"')))) for n in names
+            }
+    finally:
+        engine.dispose()
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def test_reading_commands_leave_the_database_unchanged(tmp_path: Path, study_name: str) -> None:
+    url = pg_url()
+    path = write_study(tmp_path, study_name, QUICK_STUDY)
+    run_cli("run", "--study", str(path), "--storage", url, "--device", "cpu", "--n-trials", "2")
+    before = contents(url)
+    assert before["trials"], "the study's trials are in the snapshot"
+    for args in (
+        ["export", "--study", study_name],
+        ["export", "--study", study_name, "--trials"],
+        ["export", "--all-studies"],
+        ["best", "--study", study_name],
+    ):
+        result = invoke(*args, "--storage", url)
+        assert result.exit_code == 0, (args, result.output)
+    written = make_report(load_stored_study(study_name, url), tmp_path / "report")
+    assert (tmp_path / "report" / "report.md") in written
+    assert contents(url) == before
+
+
+@pytest.fixture
+def foreign_url() -> Iterator[str]:
+    """A database of its own on the server holding another program's table, ``accounts``."""
+    name = f"bank_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(pg_url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = pg_url(name)
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("CREATE TABLE accounts (id serial PRIMARY KEY, owner text, balance real)")
+        )
+        conn.execute(sqlalchemy.text("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)"))
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_foreign_database_is_refused_untouched(foreign_url: str, tmp_path: Path) -> None:
+    before = contents(foreign_url)
+    assert list(before) == ["accounts"]
+    for args in (
+        ["export", "--study", "x"],
+        ["export", "--all-studies"],
+        ["best", "--study", "x"],
+        ["report", "--study", "x", "-o", str(tmp_path / "out")],
+    ):
+        result = invoke(*args, "--storage", foreign_url)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "accounts" in lines[0], result.output
+    assert contents(foreign_url) == before
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import matplotlib.image
@@ -11,16 +13,17 @@ import pytest
 from click.testing import CliRunner, Result
 from optuna.trial import TrialState
 
-from conftest import StoredStudy, run_cli, write_study
+from conftest import StoredStudy, quiet_copy, run_cli, snapshot, write_study
 from hpsearch.cli import main
-from hpsearch.report import REPORT_ATTR
-from hpsearch.storage import open_artifacts
+from hpsearch.report import REPORT_ATTR, ReportError, attach, make_report
+from hpsearch.storage import load_stored_study, open_artifacts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("learning_curves.png", "accuracy_vs_lr.png", "history.png", "importances.png")
 
 # Every trial completes and the learning rate is a per-optimizer parameter (optimizer.sgd.lr),
-# so the importances figure is drawn and the table's lr must come from the merged config.
+# so the importances figure is drawn and the table's lr must come from the merged config. 300
+# training examples (not a multiple of 64) keep the six trials to a few seconds.
 CONDITIONAL_STUDY = """
 [study]
 description = "conditional lr per optimizer, no pruning"
@@ -32,6 +35,7 @@ pruner = "none"
 [data]
 name = "synthetic"
 batch_size = 64
+train_limit = 300
 
 [model]
 name = "mnist_cnn"
@@ -54,6 +58,14 @@ epochs = 2
 @pytest.fixture(autouse=True)
 def _default_artifact_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HPSEARCH_ARTIFACTS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def synthetic_copy(synthetic_study: StoredStudy, tmp_path_factory: pytest.TempPathFactory) -> StoredStudy:
+    """The shared fixture's study in a file of this module's own: reports attach artifacts to it."""
+    folder = tmp_path_factory.mktemp("report")
+    url = quiet_copy(synthetic_study.storage, folder / "hpsearch.db")
+    return StoredStudy(synthetic_study.name, synthetic_study.path, url)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +117,11 @@ def best_complete(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
     return best
 
 
-def test_report_writes_readable_figures_and_markdown(synthetic_study: StoredStudy, tmp_path: Path) -> None:
+@pytest.mark.slow  # draws every figure
+def test_report_writes_readable_figures_and_markdown(synthetic_copy: StoredStudy, tmp_path: Path) -> None:
     out = tmp_path / "new" / "folder"
-    written = report(synthetic_study, out)
-    study = synthetic_study.load()
+    written = report(synthetic_copy, out)
+    study = synthetic_copy.load()
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     expected = [f for f in FIGURES if f != "importances.png" or len(complete) >= 2]
     assert sorted(p.name for p in written) == sorted([*expected, "report.md"])
@@ -118,7 +131,7 @@ def test_report_writes_readable_figures_and_markdown(synthetic_study: StoredStud
         check_png(out / name)
 
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert md.startswith(f"# Report: {synthetic_study.name}\n")
+    assert md.startswith(f"# Report: {synthetic_copy.name}\n")
     assert study.user_attrs["description"] in md
     for name in expected:
         assert f"]({name})" in md
@@ -144,11 +157,12 @@ def test_report_writes_readable_figures_and_markdown(synthetic_study: StoredStud
         ]
 
 
-def test_report_attaches_artifacts_once(synthetic_study: StoredStudy, tmp_path: Path) -> None:
-    store = open_artifacts(synthetic_study.storage)
+@pytest.mark.slow  # draws every figure twice
+def test_report_attaches_artifacts_once(synthetic_copy: StoredStudy, tmp_path: Path) -> None:
+    store = open_artifacts(synthetic_copy.storage)
     for run in ("first", "second"):
-        written = report(synthetic_study, tmp_path / run)
-        study = synthetic_study.load()
+        written = report(synthetic_copy, tmp_path / run)
+        study = synthetic_copy.load()
         metas = optuna.artifacts.get_all_artifact_meta(study)
         names = [m.filename for m in metas]
         assert sorted(names) == sorted(p.name for p in written), f"{run} run: {names}"
@@ -163,6 +177,7 @@ def test_report_attaches_artifacts_once(synthetic_study: StoredStudy, tmp_path: 
         assert {m.mimetype for m in metas if m.filename.endswith(".png")} == {"image/png"}
 
 
+@pytest.mark.slow  # runs six trials and draws every figure
 def test_report_draws_importances_and_reads_conditional_lr(
     conditional_study: StoredStudy, tmp_path: Path
 ) -> None:
@@ -182,17 +197,17 @@ def test_report_draws_importances_and_reads_conditional_lr(
 
 
 def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
 
 
-def test_unknown_study_is_one_line(synthetic_study: StoredStudy, tmp_path: Path) -> None:
-    result = invoke("report", "--study", "nope", "--storage", synthetic_study.storage, "-o", str(tmp_path))
+def test_unknown_study_is_one_line(synthetic_copy: StoredStudy, tmp_path: Path) -> None:
+    result = invoke("report", "--study", "nope", "--storage", synthetic_copy.storage, "-o", str(tmp_path))
     line = one_line_error(result)
-    assert "no study named 'nope'" in line and synthetic_study.name in line
+    assert "no study named 'nope'" in line and synthetic_copy.name in line
 
 
 def test_missing_storage_file_is_one_line_and_not_created(tmp_path: Path) -> None:
@@ -209,3 +224,47 @@ def test_study_without_finished_epoch_is_one_line(tmp_path: Path) -> None:
     study.enqueue_trial({})  # a waiting trial: not finished
     result = invoke("report", "--study", "empty", "--storage", storage, "-o", str(tmp_path / "out"))
     assert "no trial that finished an epoch" in one_line_error(result)
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_making_the_report_only_reads_the_study(
+    synthetic_study: StoredStudy, tmp_path: Path, journal: str
+) -> None:
+    url = quiet_copy(synthetic_study.storage, tmp_path / "studies.db", journal)
+    before = snapshot(tmp_path)
+    written = make_report(load_stored_study(synthetic_study.name, url), tmp_path / "out")
+    assert (tmp_path / "out" / "report.md") in written and (tmp_path / "out" / "history.png") in written
+    # The study file is byte for byte what it was; the report's folder is the only new entry.
+    after = snapshot(tmp_path)
+    assert after.pop("out") == "folder" and after == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
+
+
+def test_attach_leaves_a_study_hpsearch_did_not_make_untouched(tmp_path: Path) -> None:
+    # Plain Optuna's study, in plain Optuna's file (rollback journal): hpsearch must not write to it.
+    url = f"sqlite:///{tmp_path / 'theirs.db'}"
+    study = optuna.create_study(study_name="theirs", storage=url, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2)
+    del study
+    url = quiet_copy(url, tmp_path / "copy.db", "delete")
+    (tmp_path / "theirs.db").unlink()
+    page = tmp_path / "report.md"
+    page.write_text("# a report\n", encoding="utf-8")
+    before = snapshot(tmp_path)
+    with pytest.raises(ReportError, match="'theirs' was not made by hpsearch"):
+        attach("theirs", url, [page])
+    assert snapshot(tmp_path) == before  # no artifact folder either
+    assert not (tmp_path / "copy-artifacts").exists()
+
+
+def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "bank.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
+        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
+        con.commit()
+    before = snapshot(tmp_path)
+    result = invoke("report", "--study", "bank", "--storage", f"sqlite:///{db}", "-o", str(tmp_path / "out"))
+    line = one_line_error(result)
+    assert "accounts" in line and str(db) in line
+    assert snapshot(tmp_path) == before  # no report folder, no artifacts folder either

@@ -35,8 +35,19 @@ def test_two_workers_fill_one_sqlite_study_then_add_trials(
     # Each worker samples from its own random stream, not the same seeded sequence.
     assert len({tuple(t.params.values()) for t in trials}) == len(trials)
 
-    run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu",
-            "--workers", "2", "--n-trials", "3")  # fmt: skip
+    run_cli(
+        "run",
+        "--study",
+        str(path),
+        "--storage",
+        storage,
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+        "--n-trials",
+        "3",
+    )
     more = optuna.load_study(study_name="workers", storage=storage).trials[len(trials) :]
     assert len(more) == 3 and {t.state for t in more} == {TrialState.COMPLETE}
     assert len({pid_of(t) for t in more}) == 2  # split 2 + 1
