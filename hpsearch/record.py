@@ -8,6 +8,8 @@ figure and Optuna's own CLI all mean the same thing by it.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,28 @@ FINAL_TRAIN_LOSS = "final_train_loss"
 STOP_REASON = "stop_reason"  # why a pruned trial stopped (pruned, or diverged)
 STOP_EPOCH = "stop_epoch"  # the epoch it stopped in
 FAIL_REASON = "fail_reason"  # the exception that failed a trial, as one line
+
+
+def worker_id() -> str:
+    """This process, as a trial records it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def orphaned(trial: FrozenTrial) -> bool:
+    """True for a RUNNING trial whose worker was a process on this machine that is gone, or this
+    very process (which, when it asks, runs no trial)."""
+    host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def study_task(study: optuna.Study) -> Task:
@@ -89,6 +113,11 @@ class TrialRecord:
         self.epoch_time_s.append(seconds)
         # The mean over epochs, so one slow first epoch (warm-up) does not define the speed.
         self.examples_per_s = ((self.examples_per_s or 0.0) * n + speed) / (n + 1)
+
+    def claim(self, trial: optuna.Trial) -> None:
+        """Write the worker at once (all else is written at the end), so a trial left running by a
+        process that died can be told from one still running (``orphaned``)."""
+        trial.set_user_attr(WORKER, self.worker)
 
     def stop(self, epoch: int, reason: str) -> None:
         self.stop_epoch, self.stop_reason = epoch, reason

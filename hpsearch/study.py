@@ -202,7 +202,11 @@ def run_study(
         n_trials = max(0, (spec.n_trials or 0) - finished(study))
     if spec.enumerates:  # a grid runs its queued configurations, each once
         n_trials = min(n_trials, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
-    # Trials left RUNNING by a killed worker would otherwise count as in progress forever.
+    # Trials left RUNNING by a killed worker would otherwise count as in progress forever: those of
+    # a process of this machine that is gone are failed now, the others once their heartbeat is stale.
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if record.orphaned(trial):
+            study.tell(trial.number, state=TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -18,7 +16,7 @@ from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, s
 from hpsearch.errors import HpsearchError
 from hpsearch.models import build_model
 from hpsearch.optim import Schedule, Stepper, build_optimizer, build_scheduler
-from hpsearch.record import TrialRecord
+from hpsearch.record import TrialRecord, worker_id
 from hpsearch.spec import StudySpec, TrialConfig
 from hpsearch.task import Task
 
@@ -70,7 +68,8 @@ def run_trial(
     trial's record (config, per-epoch history, how it ended) is written once, as it ends.
     """
     start, task = time.perf_counter(), spec.task
-    rec = TrialRecord(device=str(device), worker=f"{socket.gethostname()}:{os.getpid()}")
+    rec = TrialRecord(device=str(device), worker=worker_id())
+    rec.claim(trial)
     epoch = 0
     try:
         cfg = spec.sample(trial)

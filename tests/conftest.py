@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ from torch import nn
 from hpsearch.cli import main
 from hpsearch.models import MODELS
 from hpsearch.task import REGRESSION
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: torch's own threads would make the two fight over both cores.
+    torch.set_num_threads(1)
 
 
 class Flaky(nn.Module):

@@ -47,6 +47,19 @@ lr = { choices = [0.000001, 0.003] }
 epochs = 2
 """
 
+# A valid study body without [study], to put under a [study] table of one's own.
+QUICK_BODY = """
+[data]
+name = "synthetic"
+
+[model]
+name = "mnist_cnn"
+
+[optimizer]
+name = "sgd"
+lr = 0.01
+"""
+
 DIVERGING_STUDY = """
 [study]
 n_trials = 1
@@ -128,6 +141,7 @@ def test_study_records_spec_and_versions(fashion: tuple[Path, str, optuna.Study]
     assert study.metric_names == ["validation accuracy"]
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_optuna_cli_reads_the_study_without_hpsearch(
     fashion: tuple[Path, str, optuna.Study],
 ) -> None:
@@ -238,6 +252,7 @@ def test_list_shows_every_registered_name_and_study() -> None:
         assert f"  {study.stem} " in out
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_python_dash_m_works() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "hpsearch", "--help"], capture_output=True, text=True, check=True
@@ -267,3 +282,25 @@ def test_the_dashboard_refuses_a_missing_sqlite_file(tmp_path: Path) -> None:
     assert code == 1 and "Traceback" not in out
     assert "typo.db does not exist" in out.strip().splitlines()[-1]
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_list_names_a_broken_study_file_and_lists_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "mine.toml").write_text('[study]\ndescription = "my own"\n' + QUICK_BODY, encoding="utf-8")
+    (studies / "latin.toml").write_bytes(
+        '[study]\ndescription = "café"\n'.encode("latin-1") + QUICK_BODY.encode()
+    )
+    (studies / "folder.toml").mkdir()  # not a file: not a study
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.split() == ["mine", "my", "own"] for line in lines)
+    (latin,) = [line for line in lines if line.startswith("  latin ")]
+    assert "(invalid: studies/latin.toml: not a UTF-8 text file" in latin
+    assert not any(line.startswith("  folder ") for line in lines)
+    for bundled in Path(__file__).parent.parent.glob("studies/*.toml"):
+        assert f"  {bundled.stem} " in result.output

@@ -66,6 +66,7 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_the_adding_a_model_example_registers_a_model_a_study_can_use(tmp_path: Path) -> None:
     (code,) = [b for b in blocks("python") if "MODELS.register" in b]
     study = textwrap.dedent("""

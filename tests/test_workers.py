@@ -15,6 +15,7 @@ def pid_of(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs["worker"].rsplit(":", 1)[1])
 
 
+@pytest.mark.slow  # two worker processes, each importing torch
 def test_two_workers_fill_one_sqlite_study_then_add_trials(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
