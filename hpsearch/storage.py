@@ -295,9 +295,12 @@ def _brief_look_immutable(path: Path) -> bool:
     """Whether a one-query look at the schema of ``path`` opens it immutable.
 
     A read-only connection to a WAL-mode file creates the ``-wal`` and ``-shm`` files and cannot
-    remove them; an immutable one needs neither, and misses nothing while the log is empty.
+    remove them; an immutable one needs neither, and misses nothing while the log is empty. Only a
+    file no connection has open is looked at that way: an open one always has its ``-shm``, and an
+    immutable read beside a writer could see a page half checkpointed.
     """
-    return path.stat().st_size > 0 and _is_wal_file(path) and not _wal_pending(path)
+    shm = path.with_name(path.name + "-shm")
+    return path.stat().st_size > 0 and _is_wal_file(path) and not _wal_pending(path) and not shm.exists()
 
 
 def _reads_immutable(path: Path) -> bool:
