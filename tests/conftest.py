@@ -19,7 +19,6 @@ from hpsearch.cli import main
 from hpsearch.models import MODELS
 from hpsearch.task import REGRESSION
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker per core: torch's own threads would make the two fight over both cores.
     torch.set_num_threads(1)

@@ -84,7 +84,10 @@ epochs = 3
 
 
 def invoke(*args: str) -> tuple[int, str]:
+    """Exit code and output of a CLI run that must end by ``SystemExit`` (a handled error or
+    success), never by an exception escaping the command."""
     result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result.exit_code, result.output
 
 
@@ -181,7 +184,7 @@ def test_changed_search_space_is_refused_and_nothing_is_lost(tmp_path: Path) -> 
     path.write_text(text.replace("[0.000001, 0.003]", "[0.000001, 0.01]").replace('"adam"', '"sgd"'))
     code, out = invoke("run", "--study", str(path), "--storage", storage, "--n-trials", "1")
     assert code != 0
-    assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert len(out.strip().splitlines()) == 1
     assert "different search space" in out
     assert "optimizer.lr.choices changed from [1e-06, 0.003] to [1e-06, 0.01]" in out
     assert 'optimizer.name changed from "adam" to "sgd"' in out
@@ -216,9 +219,10 @@ def test_diverging_configuration_stops_in_its_first_epoch(tmp_path: Path) -> Non
             ["run", "--study", "cnn-mnist", "--data-dir", "{tmp}", "--storage", "sqlite:///{tmp}/x.db"],
             "mnist not found",
         ),
-        (
+        pytest.param(
             ["run", "--study", "quickstart", "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/db"],
             "cannot open storage postgresql+psycopg://u:***@127.0.0.1:1/db",
+            marks=pytest.mark.slow,  # loads the PostgreSQL driver
         ),
         (
             ["run", "--study", "quickstart", "--device", "cuda:7", "--storage", "sqlite:///{tmp}/x.db"],
@@ -238,7 +242,6 @@ def test_user_errors_are_one_line(
         pytest.skip("this machine has CUDA")
     code, out = invoke(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code != 0
-    assert "Traceback" not in out
     assert len(out.strip().splitlines()) <= 2, out  # the study banner may precede the error line
     assert expected in out.strip().splitlines()[-1]
 
@@ -270,7 +273,7 @@ def test_a_failed_start_leaves_no_empty_study(tmp_path: Path, monkeypatch: pytes
 
 def test_a_missing_data_dir_is_a_usage_error() -> None:
     code, out = invoke("run", "--study", "quickstart", "--data-dir", "/nonexistent")
-    assert code == 2 and "Traceback" not in out
+    assert code == 2
     assert (
         out.strip().splitlines()[-1]
         == "Error: Invalid value for '--data-dir': Directory '/nonexistent' does not exist."
@@ -279,7 +282,7 @@ def test_a_missing_data_dir_is_a_usage_error() -> None:
 
 def test_the_dashboard_refuses_a_missing_sqlite_file(tmp_path: Path) -> None:
     code, out = invoke("dashboard", "--storage", f"sqlite:///{tmp_path / 'typo.db'}", "--port", "8799")
-    assert code == 1 and "Traceback" not in out
+    assert code == 1
     assert "typo.db does not exist" in out.strip().splitlines()[-1]
     assert not (tmp_path / "typo.db").exists()
 

@@ -219,6 +219,7 @@ def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # starts a dashboard process
 def test_api_lists_study_trials_and_note(dashboard: Dashboard) -> None:
     status, listing = get_json(f"{dashboard.base}/api/studies")
     assert status == 200
@@ -342,6 +343,7 @@ def test_api_answers_while_a_worker_writes(dashboard: Dashboard) -> None:
     assert all(len(t["intermediate_values"]) == 3 for t in complete)
 
 
+@pytest.mark.slow  # starts a dashboard process
 def test_spawn_raises_when_the_dashboard_cannot_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with status 1"):
         spawn(f"sqlite:///{tmp_path / 'missing' / 'x.db'}", port=free_port(), timeout=20)

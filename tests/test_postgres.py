@@ -119,7 +119,7 @@ def test_stop_and_resume_fills_the_study_and_refuses_a_changed_space(tmp_path: P
     path.write_text(path.read_text().replace("high = 0.003", "high = 0.01"))
     result = CliRunner().invoke(main, ["run", "--study", str(path), "--storage", url, "--n-trials", "1"])
     assert result.exit_code != 0
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert isinstance(result.exception, SystemExit) and len(result.output.strip().splitlines()) == 1
     assert "different search space" in result.output
     assert "optimizer.lr.high changed from 0.003 to 0.01" in result.output
     assert len(stored_trials(study_name, url)) == 4

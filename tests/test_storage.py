@@ -259,6 +259,7 @@ def _unprivileged() -> list[str]:
     return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps=-all"]
 
 
+@pytest.mark.slow  # a child process without root's override of file modes
 def test_a_process_without_write_access_reads_wal_files(tmp_path: Path, templates: Templates) -> None:
     prefix = _unprivileged()
     # A WAL file in a folder that cannot take its -shm file; a WAL file that cannot be written;

@@ -1,0 +1,66 @@
+"""Ctrl-C and SIGTERM on a real ``hpsearch run`` process: one line, exit 130, finished trials kept."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import QUICK_STUDY, write_study
+
+pytestmark = pytest.mark.slow  # each test starts an interpreter that imports torch
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpsearch", "run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
+    proc = start(tmp_path, "--study", "quickstart")
+    time.sleep(0.3)  # well inside the imports, before any output
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["interrupted while starting; nothing was run"], err
+    assert out == ""
+    assert not (tmp_path / "hpsearch.db").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_the_run_keeps_finished_trials(tmp_path: Path, sig: signal.Signals) -> None:
+    # Twenty 1-epoch trials: the signal comes once the first has finished, long before the last.
+    text = QUICK_STUDY.replace("n_trials = 6", "n_trials = 20").replace('"mnist_cnn"', '"lenet"')
+    path = write_study(tmp_path, "signals", text)
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    proc = start(tmp_path, "--study", str(path), "--storage", storage, "--device", "cpu")
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # the run's own account: signal once a trial has finished
+        seen.append(line)
+        if line.startswith("trial    0 "):
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines[-1] == "interrupted: finished trials are stored; run the same command to resume", err
+    assert not any("Traceback" in line for line in lines), err
+    trials = optuna.load_study(study_name="signals", storage=storage).trials
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 1 <= len(finished) < 20
+    # The trial the signal cut short is failed and says why, not left running.
+    assert all(t.state.is_finished() for t in trials)
+    cut = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in cut)
