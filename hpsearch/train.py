@@ -196,7 +196,8 @@ def train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         loss, penalty = _step(model, optimizer, loss_fn, x, data.train_y[batch], l1, params, device)
         total += loss * len(batch)
-        penalty_total += penalty * len(batch)
+        if penalty is not None:
+            penalty_total += penalty * len(batch)
         seen += len(batch)
         worst = torch.maximum(worst, loss)
         stepper.after_batch()
@@ -222,23 +223,27 @@ def _step(
     l1: float,
     params: list[nn.Parameter],
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch: the batch's data loss and L1 penalty term (not synced)."""
-    first: list[torch.Tensor] = []
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on a batch: the batch's data loss and, with ``l1``, its L1 penalty term
+    (neither synced)."""
+    first: list[torch.Tensor | None] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
             loss = loss_fn(model(x), y).float()
-        penalty = l1 * torch.stack([p.abs().sum() for p in params]).sum() if l1 else loss.new_zeros(())
+        penalty = l1 * torch.stack([p.abs().sum() for p in params]).sum() if l1 else None
         if not first:  # LBFGS calls this several times; the first call is the loss before the step
-            first[:] = [loss.detach(), penalty.detach()]
-        (loss + penalty).backward()
-        return loss + penalty
+            first[:] = [loss.detach(), None if penalty is None else penalty.detach()]
+        objective = loss if penalty is None else loss + penalty
+        objective.backward()
+        return objective
 
     # Every torch optimizer accepts a closure; LBFGS needs one to re-evaluate the loss.
     optimizer.step(closure)  # type: ignore[arg-type]
-    return first[0], first[1]
+    loss, penalty = first
+    assert loss is not None
+    return loss, penalty
 
 
 @torch.inference_mode()
