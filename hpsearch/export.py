@@ -19,7 +19,7 @@ from hpsearch.record import SPEC, SPEC_SOURCE, TrialRecord, study_task
 from hpsearch.schema import SECTIONS, space_names, walk
 from hpsearch.spec import resolve
 from hpsearch.storage import atomic_write, load_stored_study, stored_study_names
-from hpsearch.task import Task
+from hpsearch.task import TASKS, Task
 
 FORMATS = ("csv", "md", "json")
 _COMPLETE, _PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -123,10 +123,7 @@ _NUMERIC = (
     "weight_decay",
     "batch_size",
     "epochs_run",
-    "val_acc",
-    "val_mse",
-    "test_acc",
-    "test_mse",
+    *(key for task in TASKS.values() for key in (task.val_key, task.test_key)),
     "train_loss",
     "run_time_s",
     "examples_per_s",
