@@ -559,3 +559,19 @@ def test_local_studies_folder_is_searched(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     assert find_study_file("mine") == Path("studies") / "mine.toml"
     assert load_spec("mine").name == "mine"
+
+
+def test_a_float_argument_is_searched_as_floats_whatever_the_bounds_spelling(tmp_path: Path) -> None:
+    # SGD's momentum and alexnet28's dropout are floats in their signatures: integer bounds must not
+    # turn them into an integer search of {0, 1} (dropout 1 would zero every activation).
+    text = BASE.replace('"mnist_cnn"', '"alexnet28"\ndropout = { low = 0, high = 0.5 }')
+    text = text.replace("lr = 0.01", "lr = 0.01\nmomentum = { low = 0, high = 1 }")
+    spec = load_spec(write(tmp_path, text))
+    momenta = [
+        c["optimizer"]["momentum"] for _, c in sample_configs(spec, 20, optuna.samplers.RandomSampler(seed=0))
+    ]
+    assert all(isinstance(m, float) and 0 <= m <= 1 for m in momenta)
+    assert sum(0 < m < 1 for m in momenta) >= 18
+    trial_distributions = sample_configs(spec, 1)[0][0].distributions
+    assert isinstance(trial_distributions["optimizer.momentum"], optuna.distributions.FloatDistribution)
+    assert isinstance(trial_distributions["model.dropout"], optuna.distributions.FloatDistribution)
