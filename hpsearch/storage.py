@@ -35,6 +35,18 @@ ENV_ARTIFACTS = "HPSEARCH_ARTIFACTS"
 _SQLITE_BUSY_TIMEOUT_S = 60
 # Tables that every Optuna RDB schema has; a database holding all of them is Optuna's.
 _OPTUNA_TABLES = frozenset({"studies", "trials", "version_info", "alembic_version"})
+# Every table Optuna makes: while another worker is still creating them, a database holds some.
+_OPTUNA_SCHEMA = _OPTUNA_TABLES | {
+    "study_directions",
+    "study_system_attributes",
+    "study_user_attributes",
+    "trial_heartbeats",
+    "trial_intermediate_values",
+    "trial_params",
+    "trial_system_attributes",
+    "trial_user_attributes",
+    "trial_values",
+}
 # libpq start-up option: every transaction of the session is read-only, enforced by the server.
 _PG_READ_ONLY = {"options": "-c default_transaction_read_only=on"}
 
@@ -72,9 +84,10 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         tables = []
     else:
         tables = _table_names(url, shown)
-    if tables and not _OPTUNA_TABLES.issubset(tables):
+    foreign = sorted(set(tables) - _OPTUNA_SCHEMA)
+    if foreign and not _OPTUNA_TABLES.issubset(tables):
         raise StorageError(
-            f"cannot use storage {shown}: it holds another program's tables ({_listed(tables)}), "
+            f"cannot use storage {shown}: it holds another program's tables ({_listed(foreign)}), "
             "not Optuna's; hpsearch leaves it untouched: pick another --storage"
         )
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": _SQLITE_BUSY_TIMEOUT_S}} if sqlite else {}

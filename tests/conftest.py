@@ -175,3 +175,9 @@ def synthetic_study(tmp_path_factory: pytest.TempPathFactory) -> StoredStudy:
     storage = f"sqlite:///{folder / 'hpsearch.db'}"
     run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu")
     return StoredStudy("synthetic-grid", path, storage)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: two workers take test modules in this order, and a long module taken last
+    would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

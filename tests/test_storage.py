@@ -7,6 +7,7 @@ mode are all as they were.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -473,3 +474,19 @@ def test_postgres_open_readonly_reads_and_the_server_refuses_writes(pg_database:
     assert_write_refused(storage, "read-only transaction")
     storage.engine.dispose()
     assert stored_study_names(pg_database) == ["alpha"]
+
+
+def test_open_storage_takes_a_schema_another_worker_is_still_creating(tmp_path: Path) -> None:
+    # Workers starting together on a new database race to create Optuna's tables: one of them may
+    # look while only some exist. Those are Optuna's, not another program's, so it goes on.
+    path = tmp_path / "racing.db"
+    optuna.storages.RDBStorage(f"sqlite:///{path}").engine.dispose()
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        for table in ("trial_values", "version_info", "alembic_version"):
+            con.execute(f"DROP TABLE {table}")
+        con.commit()
+    storage = open_storage(f"sqlite:///{path}")
+    optuna.create_study(study_name="after", storage=storage).optimize(lambda t: 0.0, n_trials=1)
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"trial_values", "version_info", "alembic_version"} <= tables
