@@ -182,6 +182,14 @@ def run(
         progress=_epoch_bar,
         on_trial=_trial_line,
     )
+    if not summary.ran:
+        click.echo(
+            "nothing to run: every configuration of the grid has been taken"
+            if spec.enumerates
+            else f"nothing to run: {finished(study)} finished trials reach n_trials = {spec.n_trials}; "
+            "--n-trials N runs N more",
+            err=True,
+        )
     for line in summary.failure_lines():
         click.echo(line, err=True)
     _best_summary(study)

@@ -170,7 +170,8 @@ def test_resume_adds_trials_and_fills_up_to_n_trials(tmp_path: Path) -> None:
     assert len(optuna.load_study(study_name="resume", storage=storage).trials) == 2
     run_cli("run", "--study", str(path), "--storage", storage)  # fills up to n_trials = 3
     assert len(optuna.load_study(study_name="resume", storage=storage).trials) == 3
-    run_cli("run", "--study", str(path), "--storage", storage)  # already full: adds nothing
+    out = run_cli("run", "--study", str(path), "--storage", storage)  # already full: adds nothing
+    assert "nothing to run: 3 finished trials reach n_trials = 3; --n-trials N runs N more" in out
     assert len(optuna.load_study(study_name="resume", storage=storage).trials) == 3
 
 
