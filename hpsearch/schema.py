@@ -346,10 +346,11 @@ class _Validator:
                     )
             else:
                 self.check_value(f"study.{key}", value, _kind(keys[key]))
-        try:
-            StudyConfig(**study)
-        except ValueError as exc:
-            raise self.fail("study." + str(exc).split()[0], str(exc)) from None
+        for key, value in study.items():  # one key at a time, so the error names the key
+            try:
+                StudyConfig(**{key: value})
+            except ValueError as exc:
+                raise self.fail(f"study.{key}", str(exc)) from None
         direction = DATASETS.facts(data).task.direction
         if study.get("direction", direction) != direction:
             metric = DATASETS.facts(data).task.metric_label
