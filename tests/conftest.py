@@ -160,6 +160,15 @@ def quiet_copy(url: str, target: Path, journal: str = "wal") -> str:
     return f"sqlite:///{target}"
 
 
+def foreign_database(path: Path) -> str:
+    """Another program's SQLite database at ``path`` (one table, ``accounts``); its URL."""
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
+        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
+        con.commit()
+    return f"sqlite:///{path}"
+
+
 def run_cli(*args: str) -> str:
     """Invoke ``hpsearch`` in process; fail the test with its output when it exits non-zero."""
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
@@ -170,11 +179,15 @@ def run_cli(*args: str) -> str:
 @pytest.fixture(scope="session")
 def synthetic_study(tmp_path_factory: pytest.TempPathFactory) -> StoredStudy:
     """Eight finished trials of ``SYNTHETIC_STUDY`` in a fresh SQLite file."""
-    folder = tmp_path_factory.mktemp("synthetic-study")
-    path = write_study(folder, "synthetic-grid", SYNTHETIC_STUDY)
+    return run_stored(tmp_path_factory.mktemp("synthetic-study"), "synthetic-grid", SYNTHETIC_STUDY)
+
+
+def run_stored(folder: Path, name: str, text: str) -> StoredStudy:
+    """Study ``text`` written to ``folder/name.toml`` and run by `hpsearch run` into a fresh SQLite file."""
+    path = write_study(folder, name, text)
     storage = f"sqlite:///{folder / 'hpsearch.db'}"
     run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu")
-    return StoredStudy("synthetic-grid", path, storage)
+    return StoredStudy(name, path, storage)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

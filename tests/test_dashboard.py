@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ import optuna_dashboard
 import pytest
 from click.testing import CliRunner
 
-from conftest import quiet_copy, run_cli, snapshot, write_study
+from conftest import foreign_database, quiet_copy, run_cli, snapshot, write_study
 from hpsearch.cli import main
 from hpsearch.dashboard import spawn, spec_note, write_spec_note
 from hpsearch.storage import open_storage
@@ -201,10 +199,7 @@ def test_serving_leaves_the_study_file_unchanged(note_study: NoteStudy, tmp_path
 
 def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
     db = tmp_path / "bank.db"
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
-        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
-        con.commit()
+    foreign_database(db)
     before = snapshot(tmp_path)
     # The port is taken, so a dashboard that got past the storage would fail to bind, not serve forever.
     with socket.socket() as taken:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
 import json
 import math
 import os
-import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -21,7 +19,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import StoredStudy, quiet_copy, run_cli, snapshot, write_study
+from conftest import StoredStudy, foreign_database, quiet_copy, run_cli, snapshot, write_study
 from hpsearch.cli import main
 from hpsearch.spec import load_spec
 
@@ -579,15 +577,6 @@ def test_export_reads_a_write_protected_study(storage: Storage, tmp_path: Path, 
     assert done.returncode == 0, done.stderr
     pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(done.stdout)), expected)
     assert snapshot(folder) == before
-
-
-def foreign_database(path: Path) -> str:
-    """Another program's SQLite database: one table, ``accounts``."""
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
-        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
-        con.commit()
-    return f"sqlite:///{path}"
 
 
 @pytest.mark.parametrize(

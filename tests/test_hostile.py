@@ -6,7 +6,6 @@ exit, never a stray exception), and leave the stored study that shares its name 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_cli, write_study
+from conftest import foreign_database, run_cli, write_study
 from hpsearch.cli import main
 
 # The study every case is aimed at: a real one, stored with trials, whose name the bad files reuse.
@@ -219,14 +218,6 @@ def test_a_study_path_that_is_not_a_study_file(stored: Stored, tmp_path: Path, c
     assert stored.snapshot() == stored.trials
 
 
-def _foreign_db(folder: Path) -> str:
-    path = folder / "accounts.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT)")
-        conn.execute("INSERT INTO accounts (owner) VALUES ('someone')")
-    return f"sqlite:///{path}"
-
-
 # case → (arguments, with {good} for the good study file, {storage} for the stored study and
 # {foreign} for another program's database; the fragment of the error line)
 COMMANDS: dict[str, tuple[list[str], str]] = {
@@ -301,7 +292,7 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
 def test_a_bad_command_line_is_one_line(stored: Stored, tmp_path: Path, case: str) -> None:
     args, fragment = COMMANDS[case]
     good = write_study(tmp_path, "target", GOOD)
-    foreign = _foreign_db(tmp_path)
+    foreign = foreign_database(tmp_path / "accounts.db")
     before = (tmp_path / "accounts.db").read_bytes()
     values = {"{good}": str(good), "{storage}": stored.storage, "{foreign}": foreign, "{tmp}": str(tmp_path)}
     filled = []

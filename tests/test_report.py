@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 
 import matplotlib.image
@@ -13,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 from optuna.trial import TrialState
 
-from conftest import StoredStudy, quiet_copy, run_cli, snapshot, write_study
+from conftest import StoredStudy, foreign_database, quiet_copy, run_stored, snapshot
 from hpsearch.cli import main
 from hpsearch.report import REPORT_ATTR, ReportError, attach, make_report
 from hpsearch.storage import load_stored_study, open_artifacts
@@ -70,11 +68,7 @@ def synthetic_copy(synthetic_study: StoredStudy, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def conditional_study(tmp_path_factory: pytest.TempPathFactory) -> StoredStudy:
-    folder = tmp_path_factory.mktemp("conditional-study")
-    path = write_study(folder, "conditional", CONDITIONAL_STUDY)
-    storage = f"sqlite:///{folder / 'hpsearch.db'}"
-    run_cli("run", "--study", str(path), "--storage", storage, "--device", "cpu")
-    return StoredStudy("conditional", path, storage)
+    return run_stored(tmp_path_factory.mktemp("conditional-study"), "conditional", CONDITIONAL_STUDY)
 
 
 def report(stored: StoredStudy, out: Path) -> list[Path]:
@@ -259,10 +253,7 @@ def test_attach_leaves_a_study_hpsearch_did_not_make_untouched(tmp_path: Path) -
 
 def test_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
     db = tmp_path / "bank.db"
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        con.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance REAL)")
-        con.execute("INSERT INTO accounts (owner, balance) VALUES ('ada', 12.5)")
-        con.commit()
+    foreign_database(db)
     before = snapshot(tmp_path)
     result = invoke("report", "--study", "bank", "--storage", f"sqlite:///{db}", "-o", str(tmp_path / "out"))
     line = one_line_error(result)
