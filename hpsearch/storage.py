@@ -259,7 +259,10 @@ def _first_line(exc: BaseException) -> str:
     if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__  # Optuna's own first line says only that the commit failed
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, ImportError) and exc.name and "psycopg" in exc.name:
+        line += "; PostgreSQL needs the postgres extra (pip install 'hpsearch[postgres]') and a postgresql+psycopg:// URL"
+    return line
 
 
 def _listed(tables: list[str], most: int = 5) -> str:

@@ -248,6 +248,10 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
         ["run", "--study", "{good}", "--storage", "nosuchdb://x"],
         "cannot open storage",
     ),
+    "storage_driver_missing": (
+        ["export", "--study", "target", "--storage", "postgresql+psycopg2://u:pw@127.0.0.1:9/x"],
+        "No module named 'psycopg2'; PostgreSQL needs the postgres extra",
+    ),
     "storage_foreign_tables": (["run", "--study", "{good}", "--storage", "{foreign}"], "accounts"),
     "export_foreign_tables": (["export", "--study", "target", "--storage", "{foreign}"], "accounts"),
     "best_foreign_tables": (["best", "--study", "target", "--storage", "{foreign}"], "accounts"),
