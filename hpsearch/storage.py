@@ -261,7 +261,10 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, ImportError) and exc.name and "psycopg" in exc.name:
-        line += "; PostgreSQL needs the postgres extra (pip install 'hpsearch[postgres]') and a postgresql+psycopg:// URL"
+        line += (
+            "; PostgreSQL needs the postgres extra (pip install 'hpsearch[postgres]') "
+            "and a postgresql+psycopg:// URL"
+        )
     return line
 
 
