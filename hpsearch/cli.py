@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 
 import click
 import optuna
+import torch
 
 from hpsearch.datasets import DATASETS, load_dataset
 from hpsearch.errors import HpsearchError
@@ -52,7 +54,9 @@ def interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             clear = "\n" if sys.stderr.isatty() else ""  # past a progress line
             click.echo(
-                f"{clear}interrupted: finished trials are stored; run the same command to resume", err=True
+                f"{clear}interrupted: finished trials and the running trial's checkpoint are kept; "
+                "run the same command to resume",
+                err=True,
             )
             sys.exit(130)
         finally:
@@ -128,9 +132,9 @@ def main() -> None:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes sharing the study; --n-trials is split between them.",
+    default=None,
+    help="Worker processes sharing the study (default: one per visible GPU, else 1); --n-trials is "
+    "split between them. With several GPUs each worker gets its own; on the CPU they share the cores.",
 )
 @interruptible
 @user_errors
@@ -141,27 +145,35 @@ def run(
     timeout: float | None,
     device: str,
     data_dir: str | None,
-    workers: int,
+    workers: int | None,
 ) -> None:
     """Run or resume a study: sample, train, report each epoch, prune.
 
-    Trials are stored as they finish; stopping (Ctrl-C) and running the same command again
-    resumes the study. With --workers N, N processes share the one study and storage: on one GPU
-    several workers keep it busy with small nets. On several machines, run `hpsearch run` on each
-    against the same PostgreSQL --storage URL. Examples:
+    Every trial writes a checkpoint after each epoch. Stopping (Ctrl-C, SIGTERM) keeps it, and
+    running the same command again resumes the study, that trial from its last epoch; a trial
+    whose worker was killed is continued the same way by the next worker. The study's n_trials is
+    the total of every worker on every machine. With --workers N, N processes share the one study:
+    one per GPU, or several small nets on one GPU or on the CPU cores. On several machines, run
+    `hpsearch run` on each against one PostgreSQL --storage URL, or a grpc:// URL served by
+    `hpsearch storage-proxy`. Examples:
 
     \b
         hpsearch run --study lenet-fashion --n-trials 20 --device cuda
         hpsearch run --study quickstart --workers 2
+        hpsearch run --study alexnet-fashion --storage grpc://head-node:13000
     """
+    from hpsearch.checkpoint import Checkpoints
     from hpsearch.study import finished, open_study, run_study
 
     spec = load_spec(study_name)
     # Device and data are checked first, so a mistake there leaves no empty study behind.
     dev = resolve_device(device)
+    gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
+    workers = workers or max(1, gpus)
     data = load_dataset(spec.raw["data"]["name"], data_dir, str(dev) if workers == 1 else "cpu")
     spec.check_data(len(data.train_y), len(data.test_y))
     study = open_study(spec, storage)
+    checkpoints = Checkpoints.of(spec.name, spec.study.checkpoints, resolve_url(storage))
     done = finished(study)
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
     if done:
@@ -169,9 +181,12 @@ def run(
     # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if workers > 1:
-        _run_workers(workers, study_name, resolve_url(storage), n_trials, timeout, device, data_dir)
+        click.echo(f"checkpoints: {checkpoints.folder}", err=True)
+        pins = [f"cuda:{i % gpus}" for i in range(workers)] if gpus > 1 else [device] * workers
+        _run_workers(pins, study_name, resolve_url(storage), n_trials, timeout, data_dir)
         _best_summary(study)
         return
+    click.echo(f"checkpoints: {checkpoints.folder}", err=True)
     summary = run_study(
         spec,
         study,
@@ -181,6 +196,7 @@ def run(
         data_dir=data_dir,
         progress=_epoch_bar,
         on_trial=_trial_line,
+        checkpoints=checkpoints,
     )
     if not summary.ran:
         click.echo(
@@ -198,38 +214,54 @@ def run(
 
 
 def _run_workers(
-    workers: int,
+    devices: list[str],
     study_name: str,
     storage: str,
     n_trials: int | None,
     timeout: float | None,
-    device: str,
     data_dir: str | None,
 ) -> None:
-    """Run ``workers`` child ``hpsearch run`` processes on one study; fail if any of them fails."""
-    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", study_name, "--device", device]
-    cmd += ["--workers", "1", *(["--timeout", str(timeout)] if timeout is not None else [])]
+    """Run one child ``hpsearch run`` process per entry of ``devices`` on one study, each on its
+    device; fail if any of them fails.
+
+    On the CPU the children split the cores between them rather than each starting a thread per
+    core. A signal to this process is passed on once, and each child ends its trial keeping its
+    checkpoint; should this process be killed outright, the operating system stops the children.
+    """
+    workers = len(devices)
+    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", study_name, "--workers", "1"]
+    cmd += ["--timeout", str(timeout)] if timeout is not None else []
     cmd += ["--data-dir", data_dir] if data_dir else []
     shares: list[list[str]] = [[]] * workers
     if n_trials is not None:
         counts = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-        shares = [["--n-trials", str(k)] for k in counts if k]
+        shares = [["--n-trials", str(k)] for k in counts]
     # The URL goes through the environment: on the command line `ps` would show its password.
     env = {**os.environ, ENV_STORAGE: storage}
+    cores = len(os.sched_getaffinity(0))
+    if resolve_device(devices[0]).type == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
     # Children get their own session, so a terminal's Ctrl-C reaches only this process, which
     # forwards it once. Their stdout (each one's best trial) would repeat the summary below.
     procs = [
-        subprocess.Popen([*cmd, *share], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
-        for share in shares
+        subprocess.Popen(
+            [*cmd, "--device", dev, *share],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
+        )
+        for dev, share in zip(devices, shares, strict=True)
+        if share != ["--n-trials", "0"]
     ]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)
+                p.wait(timeout=60)
         raise
     finally:
         for p in procs:
@@ -240,6 +272,14 @@ def _run_workers(
         raise click.ClickException(
             f"{len(failed)} of {len(procs)} workers failed (exit status {', '.join(failed)})"
         )
+
+
+def _stop_with_parent() -> None:
+    """In a child, before it runs: be sent SIGTERM when the parent dies (Linux), so that no worker
+    outlives a ``hpsearch run`` that was killed with SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _epoch_bar(number: int) -> Progress | None:
@@ -295,6 +335,35 @@ def _best_summary(study: optuna.Study) -> None:
     test = TrialRecord.of(best, task).test
     if test is not None:
         click.echo(f"  test {task.metric}: {test:.4f}")
+
+
+@main.command(name="storage-proxy")
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(1, 65535), default=13000, show_default=True)
+@interruptible
+@user_errors
+def storage_proxy(storage: str | None, host: str, port: int) -> None:
+    """Serve a study database to many workers through Optuna's gRPC storage proxy.
+
+    This one process holds the database connections; workers on any machine pass
+    --storage grpc://HOST:PORT and hold none, so a fleet of hundreds does not exhaust the
+    database's connections. Runs until stopped (Ctrl-C, SIGTERM). Example:
+
+    \b
+        hpsearch storage-proxy --storage postgresql+psycopg://u:p@db/hpsearch --host 0.0.0.0
+        hpsearch run --study alexnet-fashion --storage grpc://this-host:13000   # on each worker
+    """
+    from hpsearch.storage import serve_proxy, shown_url
+
+    def ready() -> None:
+        click.echo(
+            f"serving {shown_url(resolve_url(storage))} on {host}:{port}; "
+            f"workers pass --storage grpc://{host}:{port}",
+            err=True,
+        )
+
+    serve_proxy(storage, host, port, ready)
 
 
 @main.command(name="list")

@@ -43,6 +43,16 @@ FINAL_TRAIN_LOSS = "final_train_loss"
 STOP_REASON = "stop_reason"  # why a pruned trial stopped (pruned, or diverged)
 STOP_EPOCH = "stop_epoch"  # the epoch it stopped in
 FAIL_REASON = "fail_reason"  # the exception that failed a trial, as one line
+# Optuna's system attribute of a queued trial's fixed parameters: a grid's configurations.
+QUEUED = "fixed_params"
+THREADS = "threads"  # CPU threads the trial's process trained with
+# A trial that continues one whose worker died or was stopped: the number of the trial it
+# continues, the first trial of the chain (whose number names the checkpoint), how many of the
+# chain's workers crashed, and the epoch whose checkpoint this trial started from.
+CONTINUES = "continues"
+CHAIN = "chain"
+RETRIES = "retries"
+RESUMED_EPOCH = "resumed_epoch"
 
 
 def worker_id() -> str:
@@ -94,6 +104,9 @@ class TrialRecord:
     stop_reason: str | None = None
     stop_epoch: int | None = None
     fail_reason: str | None = None
+    threads: int | None = None
+    continues: int | None = None  # written when the continuation is queued, read back only
+    resumed_epoch: int | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -119,6 +132,21 @@ class TrialRecord:
         process that died can be told from one still running (``orphaned``)."""
         trial.set_user_attr(WORKER, self.worker)
 
+    def history(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record: every epoch so far and the time spent."""
+        return {
+            "train_loss": self.train_loss,
+            "l1_penalty": self.l1_penalty,
+            "val": self.val,
+            "epoch_time_s": self.epoch_time_s,
+            "examples_per_s": self.examples_per_s,
+            "run_time_s": self.run_time_s,
+        }
+
+    def restore(self, history: dict[str, Any]) -> None:
+        for key, value in history.items():
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+
     def stop(self, epoch: int, reason: str) -> None:
         self.stop_epoch, self.stop_reason = epoch, reason
 
@@ -142,6 +170,8 @@ class TrialRecord:
             STOP_REASON: self.stop_reason,
             STOP_EPOCH: self.stop_epoch,
             FAIL_REASON: self.fail_reason,
+            THREADS: self.threads,
+            RESUMED_EPOCH: self.resumed_epoch,
         }
         for key, value in attrs.items():
             if value is not None:
@@ -169,6 +199,9 @@ class TrialRecord:
             stop_reason=a.get(STOP_REASON),
             stop_epoch=a.get(STOP_EPOCH),
             fail_reason=a.get(FAIL_REASON),
+            threads=a.get(THREADS),
+            continues=a.get(CONTINUES),
+            resumed_epoch=a.get(RESUMED_EPOCH),
         )
 
 

@@ -16,7 +16,7 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from hpsearch.models import INITS, MODELS, build_model
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from hpsearch.registry import Registry, keywords, sequence_length, value_kind
 from hpsearch.search import PRUNERS, SAMPLERS
+from hpsearch.storage import Heartbeat
 
 SECTIONS = ("study", "data", "model", "optimizer", "scheduler", "train")
 SEARCH_KEYS = {"low", "high", "log", "step", "choices"}
@@ -47,6 +48,7 @@ class TrainConfig:
     max_loss: float | None = None  # a batch's data loss above it stops the trial; None: the task's limit
     eval_batch_size: int = 1024
     seed: int | None = None  # None: derived from the study seed and the trial number
+    max_minutes: float | None = None  # a trial still training after this long stops, as pruned
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"eval_batch_size must be at least 1, not {self.eval_batch_size}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be 0 or more, not {self.seed}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, not {self.max_minutes}")
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,18 @@ class StudyConfig:
     seed: int = 0
     sampler: Any = "tpe"
     pruner: Any = "median"
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a table {interval, grace} in seconds
+    retries: int = 3  # continuations of a trial whose worker crashed, before it is given up
+    checkpoints: str | None = None  # folder; None: checkpoints/STUDY in the storage's artifact folder
 
     def __post_init__(self) -> None:
+        if isinstance(self.heartbeat, dict):
+            unknown = sorted(set(self.heartbeat) - {f.name for f in fields(Heartbeat)})
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r} in heartbeat; valid: interval, grace")
+            object.__setattr__(self, "heartbeat", Heartbeat(**self.heartbeat))
+        if self.retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {self.retries}")
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError(f"n_trials must be at least 1, not {self.n_trials}")
         if self.timeout is not None and not self.timeout > 0:
@@ -344,6 +358,10 @@ class _Validator:
                     raise self.fail(
                         f"study.{key}", f'must be a name or a table like {{name = "..."}}, not {value!r}'
                     )
+            elif key == "heartbeat":
+                if not isinstance(value, dict):
+                    example = "{interval = 10, grace = 60}"
+                    raise self.fail("study.heartbeat", f"must be a table like {example}, not {value!r}")
             else:
                 self.check_value(f"study.{key}", value, _kind(keys[key]))
         for key, value in study.items():  # one key at a time, so the error names the key

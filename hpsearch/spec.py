@@ -45,8 +45,9 @@ __all__ = [
 STUDIES_DIR = Path("studies")
 _BUNDLED_STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
-# Keys that change what a stored trial means; the rest of [study] only says how long to search.
-_RUN_ONLY = {"n_trials", "timeout", "description"}
+# Keys of [study] that say how long and how robustly to search, not what a stored trial means:
+# free to change between runs.
+_RUN_ONLY = {"n_trials", "timeout", "description", "heartbeat", "retries", "checkpoints"}
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,23 @@ Every failure a user can fix is a ``StorageError`` whose message is one line nam
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
+import time
 import urllib.parse
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import BaseStorage, GrpcStorageProxy
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import TrialState
 from sqlalchemy.pool import NullPool
 
 from hpsearch.errors import HpsearchError
@@ -47,6 +55,12 @@ _OPTUNA_SCHEMA = _OPTUNA_TABLES | {
     "trial_user_attributes",
     "trial_values",
 }
+# Connections one worker process may hold: its trial loop and its heartbeat thread use one each, and
+# two more cover a brief overlap. Fleets larger than the server's max_connections ÷ 4 go through
+# ``hpsearch storage-proxy``.
+PG_POOL_SIZE, PG_MAX_OVERFLOW = 2, 2
+# Seconds a worker waits for Optuna's gRPC storage proxy to answer before giving up.
+_PROXY_WAIT_S = 15
 # libpq start-up option: every transaction of the session is read-only, enforced by the server.
 _PG_READ_ONLY = {"options": "-c default_transaction_read_only=on"}
 
@@ -55,22 +69,50 @@ class StorageError(HpsearchError):
     """A storage or file cannot be used; the message names the URL or path, why, and what to do."""
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """``[study] heartbeat``: how often a running trial says it is alive, and after how long without a
+    word it is taken for dead, failed, and continued by the next worker from its last checkpoint.
+
+    The beat comes from a thread, not from the training loop, so it does not depend on how long an
+    epoch takes; the grace is what a dead worker's trial waits before another continues it.
+    """
+
+    interval: int = 10  # seconds
+    grace: int = 60  # seconds
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be a whole number of seconds, at least 1, not {self.interval!r}")
+        if isinstance(self.grace, bool) or not isinstance(self.grace, int) or self.grace <= self.interval:
+            raise ValueError(
+                f"grace must be a whole number of seconds longer than interval ({self.interval}), "
+                f"not {self.grace!r}"
+            )
+
+
 def resolve_url(url: str | None) -> str:
     """``--storage`` if given, else ``$HPSEARCH_STORAGE``, else an SQLite file in the working dir."""
     return url or os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
 
 
-def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
+def open_storage(url: str | None = None, *, heartbeat: Heartbeat | None = None) -> BaseStorage:
     """Open the storage behind ``url`` for writing, creating Optuna's tables if it has none.
 
     Before anything is written, the database is inspected read-only: one that holds tables but not
     Optuna's schema raises ``StorageError`` and is left byte for byte as it was. A new or empty SQLite
     file, or one with Optuna's schema, is switched to write-ahead logging and given a long busy
-    timeout, so that readers can read while workers write without "database is locked" errors. With
-    ``heartbeat`` the storage marks trials of a killed worker as failed, so a rerun resumes cleanly.
+    timeout, so that readers can read while workers write without "database is locked" errors. A
+    PostgreSQL engine holds at most ``PG_POOL_SIZE + PG_MAX_OVERFLOW`` connections. ``grpc://HOST:PORT``
+    is a server started by ``hpsearch storage-proxy``, which owns the database and its checks.
+
+    With ``heartbeat``, running trials record a beat, and a trial whose beats stopped for longer than
+    the grace is reported stale (``_get_stale_trial_ids``, Optuna's heartbeat protocol).
     """
     url = resolve_url(url)
-    shown = _shown(url)
+    shown = shown_url(url)
+    if _is_grpc(url):
+        return _open_proxy(url, heartbeat)
     sqlite = _is_sqlite(url)
     path = _sqlite_path(url)
     if path is not None and not path.parent.is_dir():
@@ -91,6 +133,10 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
             "not Optuna's; hpsearch leaves it untouched: pick another --storage"
         )
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": _SQLITE_BUSY_TIMEOUT_S}} if sqlite else {}
+    if _is_postgres(url):
+        # Bounded, and checked before use: a fleet's connections add up on the server, and a worker
+        # outlives the server restarts and network drops of a long search.
+        engine_kwargs.update(pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW, pool_pre_ping=True)
     storage = _rdb_storage(url, shown, engine_kwargs, heartbeat=heartbeat, skip_table_creation=False)
     if sqlite:
         try:
@@ -113,7 +159,7 @@ def _sync_at_checkpoints(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
-def open_readonly(url: str | None = None) -> optuna.storages.RDBStorage:
+def open_readonly(url: str | None = None) -> BaseStorage:
     """Open the storage behind ``url`` for reading only; nothing is ever written to it.
 
     A missing SQLite file, an in-memory or empty database, or one without Optuna's schema raises
@@ -127,7 +173,9 @@ def open_readonly(url: str | None = None) -> optuna.storages.RDBStorage:
     storage fails (Optuna's ``StorageInternalError``, caused by the database's refusal).
     """
     url = resolve_url(url)
-    shown = _shown(url)
+    shown = shown_url(url)
+    if _is_grpc(url):  # the proxy's server decides what may be written; nothing here writes
+        return _open_proxy(url, None)
     engine_kwargs: dict[str, Any] = {}
     if _is_sqlite(url):
         path = _sqlite_path(url)
@@ -151,7 +199,7 @@ def open_readonly(url: str | None = None) -> optuna.storages.RDBStorage:
             f"no studies in {shown}: {found}, not an Optuna database; hpsearch leaves it untouched: "
             f"pass --storage or set ${ENV_STORAGE}"
         )
-    return _rdb_storage(read_url, shown, engine_kwargs, heartbeat=False, skip_table_creation=True)
+    return _rdb_storage(read_url, shown, engine_kwargs, heartbeat=None, skip_table_creation=True)
 
 
 def stored_study_names(url: str | None = None) -> list[str]:
@@ -170,7 +218,7 @@ def load_stored_study(name_or_path: str, url: str | None = None) -> optuna.Study
     names = _study_names(storage)
     if name not in names:
         raise StorageError(
-            f"no study named {name!r} in {_shown(resolve_url(url))}; "
+            f"no study named {name!r} in {shown_url(resolve_url(url))}; "
             f"studies there: {', '.join(names) or 'none'}"
         )
     return optuna.load_study(study_name=name, storage=storage)
@@ -245,7 +293,7 @@ def open_artifacts(url: str | None = None) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(path))
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """``url`` with its password masked, for messages."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -348,19 +396,179 @@ def _table_names(url: str, shown: str, engine_kwargs: dict[str, Any] | None = No
 
 
 def _rdb_storage(
-    url: str, shown: str, engine_kwargs: dict[str, Any], *, heartbeat: bool, skip_table_creation: bool
+    url: str,
+    shown: str,
+    engine_kwargs: dict[str, Any],
+    *,
+    heartbeat: Heartbeat | None,
+    skip_table_creation: bool,
 ) -> optuna.storages.RDBStorage:
     try:
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=30 if heartbeat else None,
-            grace_period=90 if heartbeat else None,
+            heartbeat_interval=heartbeat.interval if heartbeat else None,
+            grace_period=heartbeat.grace if heartbeat else None,
             skip_table_creation=skip_table_creation,
         )
     except Exception as exc:  # SQLAlchemy/driver errors, or Optuna's "schema too old/new" RuntimeError
         raise StorageError(f"cannot open storage {shown}: {_first_line(exc)}") from exc
 
 
-def _study_names(storage: optuna.storages.RDBStorage) -> list[str]:
+def _is_grpc(url: str) -> bool:
+    return url.startswith("grpc://")
+
+
+def _is_postgres(url: str) -> bool:
+    try:
+        return sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql"
+    except sqlalchemy.exc.ArgumentError:
+        return False
+
+
+def serve_proxy(url: str | None, host: str, port: int, ready: Callable[[], None] | None = None) -> None:
+    """Serve the database behind ``url`` to workers on ``host:port`` through Optuna's gRPC storage
+    proxy, until interrupted. The workers then hold no database connection of their own: one
+    process here holds them all. ``ready`` is called once the port is bound."""
+    # grpc logs a failed bind itself, on top of the error raised; the one line below says it.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from optuna.storages._grpc.server import make_server  # grpcio is only imported by the proxy
+
+    url = resolve_url(url)
+    if _is_grpc(url):
+        raise StorageError(f"storage {url} is already a proxy; give the proxy the database's own URL")
+    storage = optuna.storages.get_storage(open_storage(url))  # Optuna's in-process cache in front
+    try:
+        server = make_server(storage, host, port)
+    except RuntimeError as exc:  # grpc cannot bind the address
+        raise StorageError(f"cannot serve on {host}:{port}: {_first_line(exc)}; pick another --port") from exc
+    server.start()
+    try:
+        if ready:
+            ready()
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=None)
+
+
+def url_of(storage: BaseStorage) -> str:
+    """The URL a storage opened here was opened from (the password included)."""
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps a study's RDB storage in a cache
+    if isinstance(backend, optuna.storages.RDBStorage):
+        return backend.engine.url.render_as_string(hide_password=False)
+    if isinstance(backend, GrpcStorageProxy):
+        return f"grpc://{backend._host}:{backend._port}"
+    raise StorageError(f"hpsearch does not run studies in a {type(backend).__name__}")
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
+    """Hold a lock on ``study_name`` that every hpsearch worker of the storage takes before it starts
+    a trial, so that counting the study's trials and starting one happen as one step for the fleet:
+    the budget is met exactly, never passed. An SQLite file is locked with ``flock`` (workers on one
+    machine), PostgreSQL with an advisory lock (any number of machines); both are released by the
+    operating system or the server when a worker dies. Behind a storage proxy there is no lock: a
+    trial started past the budget in the same instant as another is closed at once (see ``study``).
+    """
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        yield
+        return
+    url = backend.engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        fd = _lock_fd(str(url.database))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    elif url.get_backend_name() == "postgresql":
+        key = (0x6870 << 32) | zlib.crc32(study_name.encode())  # "hp", then the study
+        with backend.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    else:
+        yield
+
+
+_LOCK_FDS: dict[str, int] = {}
+
+
+def _lock_fd(path: str) -> int:
+    """A descriptor of the SQLite file ``path`` to ``flock``, opened once and kept for the life of the
+    process: closing any descriptor of a file drops every POSIX lock this process's SQLite
+    connections hold on it, so one that is closed while they are open would corrupt their locking."""
+    key = os.path.realpath(path)
+    if key not in _LOCK_FDS:
+        _LOCK_FDS[key] = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return _LOCK_FDS[key]
+
+
+def proxy_address(url: str) -> tuple[str, int]:
+    """Host and port of a ``grpc://HOST:PORT`` URL."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or port is None or parsed.path not in ("", "/"):
+        raise StorageError(
+            f"storage {url}: a storage proxy URL is grpc://HOST:PORT, e.g. grpc://localhost:13000"
+        )
+    return parsed.hostname, port
+
+
+def _open_proxy(url: str, heartbeat: Heartbeat | None) -> BaseStorage:
+    host, port = proxy_address(url)
+    storage = (
+        _ProxyWithHeartbeat(host, port, heartbeat) if heartbeat else GrpcStorageProxy(host=host, port=port)
+    )
+    try:
+        storage.wait_server_ready(timeout=_PROXY_WAIT_S)
+    except Exception as exc:  # grpc's FutureTimeoutError, or a connection refused
+        storage.close()
+        raise StorageError(
+            f"no storage proxy answers at {host}:{port} ({type(exc).__name__}); start one there with "
+            f"`hpsearch storage-proxy --storage URL --host {host} --port {port}`"
+        ) from exc
+    return storage
+
+
+# The trial system attribute that carries a beat through the storage proxy, whose protocol has none.
+_BEAT = "hpsearch:heartbeat"
+
+
+class _ProxyWithHeartbeat(GrpcStorageProxy, BaseHeartbeat):
+    """Optuna's storage proxy with Optuna's heartbeat protocol: each beat is the worker's clock time
+    stored on the trial, so the machines of a fleet must agree on the time to within the grace
+    (any NTP-synchronised clock does)."""
+
+    def __init__(self, host: str, port: int, heartbeat: Heartbeat) -> None:
+        super().__init__(host=host, port=port)
+        self._beat = heartbeat
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, _BEAT, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        # As in Optuna's own storages, a trial that never beat is not taken for dead.
+        return [
+            t._trial_id
+            for t in running
+            if _BEAT in t.system_attrs and now - float(t.system_attrs[_BEAT]) > self._beat.grace
+        ]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._beat.interval
+
+    def get_heartbeat_stale_trial_callback(self) -> None:
+        return None  # hpsearch fails and continues stale trials itself
+
+
+def _study_names(storage: BaseStorage) -> list[str]:
     return sorted(s.study_name for s in storage.get_all_studies())

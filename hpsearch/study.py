@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 import time
 import warnings
@@ -15,13 +17,16 @@ from typing import Any
 import optuna
 import sqlalchemy
 import torch
-from optuna.trial import TrialState
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import record
+from hpsearch.checkpoint import Checkpoints, chain_of, continue_trial
 from hpsearch.datasets import load_dataset
 from hpsearch.record import TrialRecord
 from hpsearch.spec import SpecError, StudySpec, resolve, space_of
-from hpsearch.storage import StorageError, open_storage
+from hpsearch.storage import Heartbeat, StorageError, open_storage, study_lock, url_of
 from hpsearch.train import Progress, resolve_device, run_trial
 
 TrialDone = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -40,7 +45,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     trials from different spaces in one study.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _open_shared_storage(storage_url)
+    storage = _open_shared_storage(storage_url, spec.study.heartbeat)
     existing = {s.study_name for s in storage.get_all_studies()}
     if spec.name in existing:
         study = optuna.load_study(
@@ -102,17 +107,17 @@ def _resolved(stored: dict[str, Any]) -> dict[str, Any]:
         return stored
 
 
-def _open_shared_storage(url: str | None) -> optuna.storages.RDBStorage:
+def _open_shared_storage(url: str | None, heartbeat: Heartbeat) -> BaseStorage:
     """``open_storage``, retried: workers that start together on a new database race to create
     Optuna's tables, and all but one fail on their first try."""
     for _ in range(2):
         try:
-            return open_storage(url, heartbeat=True)
+            return open_storage(url, heartbeat=heartbeat)
         except StorageError as exc:
             if not isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError):
                 raise
             time.sleep(0.5 + random.random())
-    return open_storage(url, heartbeat=True)
+    return open_storage(url, heartbeat=heartbeat)
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -139,9 +144,12 @@ def _show(value: Any) -> str:
     return json.dumps(value, separators=(", ", " = "))
 
 
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def finished(study: optuna.Study) -> int:
     """Trials that count towards the study's ``n_trials``: complete and pruned ones."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(study.get_trials(deepcopy=False, states=_FINISHED))
 
 
 @dataclass
@@ -158,6 +166,11 @@ class RunSummary:
     @property
     def all_failed(self) -> bool:
         return self.ran > 0 and self.states["fail"] == self.ran
+
+    def add(self, trial: FrozenTrial, spec: StudySpec) -> None:
+        self.states[trial.state.name.lower()] += 1
+        if trial.state == TrialState.FAIL:
+            self.failures[TrialRecord.of(trial, spec.task).fail_reason or "no reason recorded"] += 1
 
     def failure_lines(self) -> list[str]:
         """``N trials failed: reason (k)`` and one line per distinct reason, most frequent first."""
@@ -182,82 +195,166 @@ def run_study(
     data_dir: str | None = None,
     progress: Callable[[int], Progress | None] | None = None,
     on_trial: TrialDone | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RunSummary:
     """Run trials of ``spec`` into ``study`` (from ``open_study``) and say what happened.
 
-    ``n_trials`` runs that many more trials; without it the study is filled up to the file's
-    ``n_trials``, so rerunning an interrupted study finishes it. A trial that raises anything ends
-    FAIL with its reason and the run goes on; only KeyboardInterrupt (Ctrl-C, SIGTERM in the CLI)
-    stops it. A storage that stops accepting writes raises ``StorageFailed``.
-    ``progress(trial_number)`` may return a per-epoch progress function; ``on_trial`` is called
-    after each trial.
+    Without ``n_trials`` the study is filled up to the file's ``n_trials``, a total shared by every
+    worker on every machine: however many race, the study ends with exactly that many finished
+    (complete or pruned) trials, and rerunning an interrupted study finishes it. ``n_trials`` runs
+    that many trials in this call instead. Queued trials run first: the grid's configurations, and
+    the continuations of trials whose worker died (heartbeat stale, or a process of this machine
+    that is gone) or was stopped, which resume from their checkpoint (``checkpoints``; by default
+    ``Checkpoints.of`` the study and its storage).
+
+    A trial that raises anything ends FAIL with its reason and the run goes on. KeyboardInterrupt
+    (Ctrl-C, SIGTERM in the CLI) fails the running trial, queues its continuation, and is raised
+    again. A storage that stops accepting writes raises ``StorageFailed``. ``progress(trial_number)``
+    may return a per-epoch progress function; ``on_trial`` is called after each trial.
     """
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    fill_up = n_trials is None
-    if n_trials is None:
-        n_trials = max(0, (spec.n_trials or 0) - finished(study))
-    if spec.enumerates:  # a grid runs its queued configurations, each once
-        n_trials = min(n_trials, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
-    # Trials left RUNNING by a killed worker would otherwise count as in progress forever: those of
-    # a process of this machine that is gone are failed now, the others once their heartbeat is stale.
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if record.orphaned(trial):
-            study.tell(trial.number, state=TrialState.FAIL)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    if checkpoints is None:
+        checkpoints = Checkpoints.of(spec.name, spec.study.checkpoints, url_of(study._storage))
+    budget = spec.n_trials if n_trials is None else None
+    if n_trials is None and budget is None:
+        return RunSummary()
+    limit = timeout if timeout is not None else spec.study.timeout
+    deadline = time.monotonic() + limit if limit is not None else math.inf
 
     # Fail fast, before any trial, when the data cannot be found.
     load_dataset(spec.raw["data"]["name"], data_dir, str(dev))
 
     summary = RunSummary()
-
-    def done(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        summary.states[trial.state.name.lower()] += 1
-        if trial.state == TrialState.FAIL:
-            rec = TrialRecord.of(trial, spec.task)
-            summary.failures[rec.fail_reason or "no reason recorded"] += 1
-        if on_trial:
-            on_trial(s, trial)
-
-    callbacks: list[TrialDone] = [done]
-    if fill_up and spec.n_trials:
-        # Workers sharing the study stop once finished plus in-flight trials reach the target.
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        callbacks.append(optuna.study.MaxTrialsCallback(spec.n_trials, states=states))
-
     current: list[int] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        current[:] = [trial.number]
-        return run_trial(trial, spec, dev, data_dir, progress(trial.number) if progress else None)
-
-    if n_trials > 0:
-        try:
-            study.optimize(
-                objective,
-                n_trials=n_trials,
-                timeout=timeout if timeout is not None else spec.study.timeout,
-                callbacks=callbacks,
-                catch=(Exception,),
-            )
-        except Exception as exc:
-            # Only the storage can fail here: a trial's own errors are caught above. Optuna may
-            # replace the storage's error with one of its own while recording the trial, so the
-            # cause is looked for along the chain.
-            cause = _storage_cause(exc)
-            if cause is None:
-                raise
-            _fail(study, current)
-            raise StorageFailed(
-                f"the storage stopped accepting writes ({_first_line(cause)}); finished trials are kept: "
-                "free the space or fix the database, then run the same command to resume"
-            ) from exc
+    try:
+        while (n_trials is None or summary.ran < n_trials) and time.monotonic() < deadline:
+            trial = _next_trial(study, spec, budget, checkpoints)
+            if trial is None:
+                break
+            current[:] = [trial.number]
+            frozen = _run(study, trial, spec, dev, data_dir, progress, checkpoints)
+            current.clear()
+            summary.add(frozen, spec)
+            if on_trial:
+                on_trial(study, frozen)
+    except Exception as exc:
+        # A trial's own errors are caught in ``_run``: what gets here comes from the storage. Optuna
+        # may replace the storage's error with one of its own, so the cause is looked for along the chain.
+        cause = _storage_cause(exc)
+        if cause is None:
+            raise
+        _fail(study, current)
+        raise StorageFailed(
+            f"the storage stopped accepting writes ({_first_line(cause)}); finished trials are kept: "
+            "free the space or fix the database, then run the same command to resume"
+        ) from exc
     return summary
+
+
+def _next_trial(
+    study: optuna.Study, spec: StudySpec, budget: int | None, checkpoints: Checkpoints
+) -> optuna.Trial | None:
+    """The next trial to run, or None when the study has none left for this worker.
+
+    Under the study's lock, so that no other worker counts or starts a trial meanwhile: trials of
+    dead workers are failed and continued, then a queued trial is taken or a new one sampled, unless
+    the finished and running ones already fill ``budget``.
+    """
+    with study_lock(study._storage, study.study_name):
+        _reap(study, spec.study.retries, checkpoints)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if spec.enumerates and not any(record.QUEUED in t.system_attrs for t in waiting):
+            return None  # a grid runs its queued configurations, each once
+        if budget is not None and _taken(study) >= budget:
+            return None
+        with warnings.catch_warnings():
+            # Optuna expects a heartbeat only under its own optimize loop; ``_run`` beats it here.
+            warnings.filterwarnings("ignore", "Heartbeat of storage")
+            trial = study.ask()
+    if budget is not None and record.CONTINUES not in trial.user_attrs and _ahead(study, trial) >= budget:
+        # Only without a lock (behind a storage proxy): another worker took the last place in the
+        # same instant. This trial has not run; it is closed at once and not counted.
+        trial.set_user_attr(record.FAIL_REASON, f"not run: the study's {budget} trials were taken")
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial
+
+
+def _reap(study: optuna.Study, retries: int, checkpoints: Checkpoints) -> None:
+    """Fail the running trials whose worker is gone and queue their continuations: those of a
+    process of this machine that has ended, and any whose heartbeat is stale (Optuna's heartbeat).
+
+    Failing is a compare-and-set on the trial's state, so of several workers that find the same
+    lost trial, one continues it.
+    """
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = set()
+    if is_heartbeat_enabled(storage):
+        assert isinstance(storage, BaseHeartbeat)
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    for trial in running:
+        if trial._trial_id not in stale and not record.orphaned(trial):
+            continue
+        epoch = len(trial.intermediate_values) + 1
+        worker = trial.user_attrs.get(record.WORKER, "?")
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(
+                trial._trial_id, record.FAIL_REASON, f"worker {worker} lost in epoch {epoch}"
+            )
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                lost = storage.get_trial(trial._trial_id)
+                if not continue_trial(study, lost, crashed=True, max_retries=retries):
+                    checkpoints.delete(chain_of(lost))
+
+
+def _taken(study: optuna.Study) -> int:
+    """Trials that fill the budget: finished ones and those running."""
+    return len(study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING)))
+
+
+def _ahead(study: optuna.Study, trial: optuna.Trial) -> int:
+    return sum(
+        t.number < trial.number
+        for t in study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
+    )
+
+
+def _run(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: StudySpec,
+    dev: torch.device,
+    data_dir: str | None,
+    progress: Callable[[int], Progress | None] | None,
+    checkpoints: Checkpoints,
+) -> FrozenTrial:
+    """Run one trial with its heartbeat beating and tell the study how it ended."""
+    shown = progress(trial.number) if progress else None
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = run_trial(trial, spec, dev, data_dir, shown, checkpoints)
+        except optuna.TrialPruned:
+            _tell(study, trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:
+            frozen = study.tell(trial, state=TrialState.FAIL)
+            continue_trial(study, frozen, crashed=False, max_retries=spec.study.retries)
+            raise
+        except Exception:  # the reason is in the trial's record
+            _tell(study, trial, state=TrialState.FAIL)
+        else:
+            _tell(study, trial, value)
+    return study._storage.get_trial(trial._trial_id)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
+    # Taken for lost (its heartbeat went stale) and already continued by another worker: let it be.
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(trial, value, **kw)
 
 
 def _storage_cause(exc: BaseException) -> BaseException | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -12,6 +13,8 @@ import optuna
 import torch
 from torch import nn
 
+from hpsearch import record
+from hpsearch.checkpoint import Checkpoints, chain_of, restore, snapshot
 from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, split, subset
 from hpsearch.errors import HpsearchError
 from hpsearch.models import build_model
@@ -30,6 +33,10 @@ Progress = Callable[[int, int, float, float | None], None]
 
 class Diverged(Exception):
     """The training data loss became non-finite or exceeded ``train.max_loss``."""
+
+
+class OutOfTime(Exception):
+    """The trial has trained for longer than ``train.max_minutes``."""
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -60,21 +67,26 @@ def run_trial(
     device: torch.device,
     data_dir: str | None = None,
     progress: Progress | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> float:
     """Train one sampled configuration and return its final validation metric.
 
     Reports the validation metric after every epoch (step = epoch, from 1) and raises
-    ``optuna.TrialPruned`` when the pruner says so or the loss diverges. Whatever happens, the
+    ``optuna.TrialPruned`` when the pruner says so, the loss diverges or ``train.max_minutes`` runs
+    out. With ``checkpoints``, every epoch ends with a checkpoint, and a trial that continues a lost
+    one (``checkpoint.continue_trial``) starts from the epoch after its chain's checkpoint; the
+    checkpoint is deleted when the trial ends, unless a signal ended it. Whatever happens, the
     trial's record (config, per-epoch history, how it ended) is written once, as it ends.
     """
     start, task = time.perf_counter(), spec.task
-    rec = TrialRecord(device=str(device), worker=worker_id())
+    rec = TrialRecord(device=str(device), worker=worker_id(), threads=torch.get_num_threads())
     rec.claim(trial)
-    epoch = 0
+    chain, earlier_s, epoch, keep = chain_of(trial), 0.0, 0, False
     try:
         cfg = spec.sample(trial)
         rec.config = cfg.as_dict()
-        seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, trial.number)
+        # The chain's first trial number, so that a continuation draws what its first trial drew.
+        seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, chain)
         rec.seed = seed
         torch.manual_seed(seed)
         data = load_dataset(cfg.data.name, data_dir, str(device))
@@ -91,10 +103,31 @@ def run_trial(
         stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=optimizer, run=run)
         max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
         g = torch.Generator(device=device).manual_seed(seed)
+        deadline = start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
         value = math.nan
-        for epoch in range(1, cfg.train.epochs + 1):
+        state = checkpoints.load(chain) if checkpoints and record.CONTINUES in trial.user_attrs else None
+        if state is not None and state["params"] == trial.params:
+            rec.restore(restore(state, model, optimizer, stepper, g))
+            earlier_s, rec.resumed_epoch = rec.run_time_s, state["epoch"]
+            # The lost trial may have died between its checkpoint and its report; Optuna keeps (and
+            # warns about) a value already carried over.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for done, v in enumerate(rec.val, start=1):
+                    trial.report(v, done)
+            value = rec.val[-1]
+        for epoch in range(len(rec.val) + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
-            on_check = (lambda done, e=epoch: progress(e, cfg.train.epochs, done, None)) if progress else None
+
+            def in_time(e: int = epoch) -> None:
+                if time.perf_counter() > deadline:
+                    raise OutOfTime(f"time limit of {cfg.train.max_minutes:g} min reached in epoch {e}")
+
+            def on_check(done: float, e: int = epoch) -> None:
+                in_time(e)
+                if progress:
+                    progress(e, cfg.train.epochs, done, None)
+
             loss, penalty = train_epoch(
                 model,
                 data,
@@ -113,29 +146,40 @@ def run_trial(
             speed = len(train_idx) / (time.perf_counter() - t0)
             value = evaluate(model, data, task, data.train_x, data.train_y, val_idx, cfg, device)
             rec.add_epoch(loss, penalty, value, time.perf_counter() - t0, speed)
+            stepper.after_epoch(value)
+            if checkpoints and epoch < cfg.train.epochs:
+                rec.run_time_s = earlier_s + time.perf_counter() - start
+                snap = snapshot(epoch, trial.params, model, optimizer, stepper, g, rec.history())
+                checkpoints.save(chain, snap)
             trial.report(value, epoch)
             if progress:
                 progress(epoch, cfg.train.epochs, 1.0, value)
             if trial.should_prune():
                 rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
                 raise optuna.TrialPruned(rec.stop_reason)
-            stepper.after_epoch(value)
+            in_time()
         rec.test = evaluate(model, data, task, data.test_x, data.test_y, test_idx, cfg, device)
         return value
     except Diverged as exc:
         rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
         raise optuna.TrialPruned(rec.stop_reason) from None
+    except OutOfTime as exc:
+        rec.stop(epoch, str(exc))
+        raise optuna.TrialPruned(rec.stop_reason) from None
     except optuna.TrialPruned:
         raise
     except KeyboardInterrupt:
         rec.fail_reason = f"interrupted in epoch {epoch}"
+        keep = True  # the continuation resumes from it
         raise
     except Exception as exc:
         rec.fail_reason = failure(exc)
         raise
     finally:
-        rec.run_time_s = time.perf_counter() - start
+        rec.run_time_s = earlier_s + time.perf_counter() - start
         rec.save(trial, task)
+        if checkpoints and not keep:
+            checkpoints.delete(chain)
 
 
 def failure(exc: BaseException) -> str:

@@ -66,6 +66,7 @@ STUDY = """
 [study]
 sampler = "grid"
 pruner = "none"
+retries = 0  # the lost trial would fill the disk again
 
 [data]
 name = "synthetic"
@@ -122,3 +123,4 @@ def test_a_disk_that_fills_mid_run_ends_it_with_one_line(small_disk: Path, tmp_p
     assert again.exit_code == 0, again.output
     first, second = optuna.load_study(study_name="full", storage=storage).trials
     assert first.state == COMPLETE and second.state == FAIL
+    assert "lost in epoch 1" in second.user_attrs["fail_reason"]

@@ -385,6 +385,7 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "max_loss": pytest.approx(10 * math.log(10)),  # resolved at load: 10·ln(classes)
             "eval_batch_size": 1024,
             "seed": None,
+            "max_minutes": None,
         }
         assert cfg["model"]["init"] == "default" and cfg["model"]["name"] == "bn_cnn"
     assert seen == {("sgd", "none"), ("sgd", "step"), ("adam", "none"), ("adam", "step")}
