@@ -356,6 +356,7 @@ def storage_proxy(storage: str | None, host: str, port: int) -> None:
     """
     from hpsearch.storage import serve_proxy, shown_url
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study the workers create
     def ready() -> None:
         click.echo(
             f"serving {shown_url(resolve_url(storage))} on {host}:{port}; "
@@ -363,7 +364,10 @@ def storage_proxy(storage: str | None, host: str, port: int) -> None:
             err=True,
         )
 
-    serve_proxy(storage, host, port, ready)
+    try:
+        serve_proxy(storage, host, port, ready)
+    except KeyboardInterrupt:  # how a server is stopped: Ctrl-C, or SIGTERM from a supervisor
+        click.echo(f"storage proxy on {host}:{port} stopped", err=True)
 
 
 @main.command(name="list")

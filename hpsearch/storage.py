@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import socket
 import time
 import urllib.parse
 import zlib
@@ -344,8 +345,7 @@ def _sqlite_read_url(path: Path, *, immutable: bool) -> str:
 def _is_wal_file(path: Path) -> bool:
     """Whether the SQLite file ``path`` is in WAL mode, read from its header, without opening it."""
     try:
-        with path.open("rb") as f:
-            header = f.read(20)
+        header = os.pread(_descriptor(str(path)), 20, 0)
     except OSError:  # not a readable file: SQLite's own open reports why
         return False
     # The file format's read and write versions (bytes 18 and 19) are 2 in WAL mode, 1 otherwise.
@@ -438,10 +438,14 @@ def serve_proxy(url: str | None, host: str, port: int, ready: Callable[[], None]
     if _is_grpc(url):
         raise StorageError(f"storage {url} is already a proxy; give the proxy the database's own URL")
     storage = optuna.storages.get_storage(open_storage(url))  # Optuna's in-process cache in front
+    # grpc binds with SO_REUSEPORT, so a second proxy on a busy port would share it silently.
     try:
+        with socket.create_server((host, port)):
+            pass
         server = make_server(storage, host, port)
-    except RuntimeError as exc:  # grpc cannot bind the address
-        raise StorageError(f"cannot serve on {host}:{port}: {_first_line(exc)}; pick another --port") from exc
+    except (OSError, RuntimeError) as exc:  # the address is taken, or not this machine's
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise StorageError(f"cannot serve on {host}:{port}: {reason}; pick another --port or --host") from exc
     server.start()
     try:
         if ready:
@@ -476,7 +480,7 @@ def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
         return
     url = backend.engine.url
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        fd = _lock_fd(str(url.database))
+        fd = _descriptor(str(url.database))
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
@@ -494,17 +498,26 @@ def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
         yield
 
 
-_LOCK_FDS: dict[str, int] = {}
+_DESCRIPTORS: dict[str, int] = {}
 
 
-def _lock_fd(path: str) -> int:
-    """A descriptor of the SQLite file ``path`` to ``flock``, opened once and kept for the life of the
-    process: closing any descriptor of a file drops every POSIX lock this process's SQLite
-    connections hold on it, so one that is closed while they are open would corrupt their locking."""
+def _descriptor(path: str) -> int:
+    """A read-only descriptor of the SQLite file ``path``, opened once and kept for the life of the
+    process, for reading its header and for ``flock``.
+
+    Closing any descriptor of a file drops every POSIX lock the process holds on it, those of its
+    SQLite connections included: another process would then take the database for unused and
+    remove its write-ahead log from under them. So a descriptor of a database file is never closed
+    while its file is there; one whose file was replaced is closed, no connection being left on it.
+    """
     key = os.path.realpath(path)
-    if key not in _LOCK_FDS:
-        _LOCK_FDS[key] = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    return _LOCK_FDS[key]
+    fd = _DESCRIPTORS.get(key)
+    if fd is not None and os.fstat(fd).st_ino != os.stat(key).st_ino:
+        os.close(fd)
+        fd = None
+    if fd is None:
+        fd = _DESCRIPTORS[key] = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return fd
 
 
 def proxy_address(url: str) -> tuple[str, int]:

@@ -109,12 +109,9 @@ def run_trial(
         if state is not None and state["params"] == trial.params:
             rec.restore(restore(state, model, optimizer, stepper, g))
             earlier_s, rec.resumed_epoch = rec.run_time_s, state["epoch"]
-            # The lost trial may have died between its checkpoint and its report; Optuna keeps (and
-            # warns about) a value already carried over.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for done, v in enumerate(rec.val, start=1):
-                    trial.report(v, done)
+            # The lost trial may have died between its checkpoint and its report.
+            for done, v in enumerate(rec.val, start=1):
+                _report(trial, v, done)
             value = rec.val[-1]
         for epoch in range(len(rec.val) + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
@@ -151,7 +148,7 @@ def run_trial(
                 rec.run_time_s = earlier_s + time.perf_counter() - start
                 snap = snapshot(epoch, trial.params, model, optimizer, stepper, g, rec.history())
                 checkpoints.save(chain, snap)
-            trial.report(value, epoch)
+            _report(trial, value, epoch)
             if progress:
                 progress(epoch, cfg.train.epochs, 1.0, value)
             if trial.should_prune():
@@ -180,6 +177,14 @@ def run_trial(
         rec.save(trial, task)
         if checkpoints and not keep:
             checkpoints.delete(chain)
+
+
+def _report(trial: optuna.Trial, value: float, epoch: int) -> None:
+    """``trial.report``. A continuation carries its lost trial's values over, and one that could not
+    resume from a checkpoint trains those epochs again: Optuna keeps the value it has."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The reported value is ignored")
+        trial.report(value, epoch)
 
 
 def failure(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def flaky_regression(
 ) -> nn.Module:
     """A linear regression that can be told to fail on a given training batch (tests only)."""
     return Flaky(in_channels, num_classes, fail_after, error)
+
+
+class Sleepy(nn.Module):
+    """A linear net that takes ``delay`` seconds over each training batch: a deliberately slow trial."""
+
+    def __init__(self, in_features: int, num_classes: int, delay: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.delay)
+        return self.net(x)
+
+
+@MODELS.register(input_size=28)
+def sleepy(in_channels: int, num_classes: int, *, delay: float = 0.0) -> nn.Module:
+    """A linear classifier that sleeps ``delay`` seconds per training batch (tests only)."""
+    return Sleepy(in_channels * 28 * 28, num_classes, delay)
 
 
 # A grid over known configurations, so the fixture always holds complete, pruned (by the

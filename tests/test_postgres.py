@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -78,11 +77,15 @@ def stored_trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).trials
 
 
-def test_two_processes_share_one_study(tmp_path: Path, study_name: str) -> None:
+def test_eight_workers_on_two_machines_share_one_budget_exactly(tmp_path: Path, study_name: str) -> None:
     url = pg_url()
-    path = write_study(tmp_path, study_name, QUICK_STUDY)
-    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", str(path), "--storage", url, "--device", "cpu"]
-    # Started together on a new study: both race to create it, as workers on two machines would.
+    text = QUICK_STUDY.replace("n_trials = 6", "n_trials = 24").replace(
+        'sampler = "random"', 'sampler = { name = "tpe", seed = 0 }'
+    )
+    path = write_study(tmp_path, study_name, text)
+    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", str(path), "--storage", url]
+    cmd += ["--device", "cpu", "--workers", "4"]
+    # Started together on a new study: both race to create it, as two machines of a fleet would.
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
@@ -94,15 +97,13 @@ def test_two_processes_share_one_study(tmp_path: Path, study_name: str) -> None:
         assert "Traceback" not in err and "best trial" in out
 
     trials = stored_trials(study_name, url)
-    # MaxTrialsCallback lets a worker start one more trial while the other's last one finishes.
-    assert 6 <= len(trials) <= 7
+    assert len(trials) == 24  # exactly the budget, though eight workers raced for the last places
     assert {t.state for t in trials} == {TrialState.COMPLETE}
-    workers = {t.user_attrs["worker"] for t in trials}
-    assert workers == {f"{socket.gethostname()}:{p.pid}" for p in procs}
-    # The worker that did not create the study reseeds its sampler instead of replaying the seed.
+    assert len({t.user_attrs["worker"] for t in trials}) > 2
+    # The workers that did not create the study reseed their sampler instead of replaying the seed.
     assert len({tuple(t.params.values()) for t in trials}) == len(trials)
     attrs = optuna.load_study(study_name=study_name, storage=url).user_attrs
-    assert attrs["spec_source"] == QUICK_STUDY
+    assert attrs["spec_source"] == text
     assert attrs["spec"]["optimizer"]["lr"] == {"low": 0.0001, "high": 0.003, "log": True}
 
 
