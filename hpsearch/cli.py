@@ -357,6 +357,7 @@ def storage_proxy(storage: str | None, host: str, port: int) -> None:
     from hpsearch.storage import serve_proxy, shown_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study the workers create
+
     def ready() -> None:
         click.echo(
             f"serving {shown_url(resolve_url(storage))} on {host}:{port}; "

@@ -55,12 +55,15 @@ def test_a_signal_during_the_run_keeps_finished_trials(tmp_path: Path, sig: sign
     err = "".join(seen) + err
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
-    assert lines[-1] == "interrupted: finished trials are stored; run the same command to resume", err
+    assert lines[-1].startswith("interrupted: finished trials and the running trial's checkpoint"), err
     assert not any("Traceback" in line for line in lines), err
     trials = optuna.load_study(study_name="signals", storage=storage).trials
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 1 <= len(finished) < 20
-    # The trial the signal cut short is failed and says why, not left running.
-    assert all(t.state.is_finished() for t in trials)
+    # The trial the signal cut short is failed and says why, not left running, and its
+    # continuation is queued for the next run.
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     cut = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert all(t.user_attrs["fail_reason"].startswith("interrupted") for t in cut)
+    queued = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["continues"] for t in queued] == [t.number for t in cut]

@@ -192,3 +192,62 @@ def test_sigterm_mid_trial_keeps_its_checkpoint_and_the_rerun_resumes_it(tmp_pat
     check_resumed(stored, stopped, 1)
     assert [t.state for t in stored].count(TrialState.COMPLETE) == 2
     assert checkpoint_files(tmp_path) == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def gone(pids: set[int], within: float = 60) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def workers_in_epoch_two(storage: str, parent: subprocess.Popen[str]) -> set[int]:
+    """The pids of both workers, once each has a running trial past its first epoch."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert parent.poll() is None, "the run ended before it was signalled"
+        try:
+            busy = [t for t in trials(storage) if t.state == TrialState.RUNNING and t.intermediate_values]
+        except KeyError:
+            busy = []
+        if len(busy) == 2:
+            return {pid(t) for t in busy}
+        time.sleep(0.05)
+    raise AssertionError("the two workers did not both reach epoch 2 in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_workers_of_one_run_stop_with_it(tmp_path: Path, sig: signal.Signals) -> None:
+    write_study(tmp_path, "resume", STUDY)
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", "resume.toml", "--storage", storage]
+    parent = subprocess.Popen(
+        [*cmd, "--device", "cpu", "--workers", "2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        children = workers_in_epoch_two(storage, parent)
+        parent.send_signal(sig)
+        _, err = parent.communicate(timeout=90)
+    finally:
+        parent.kill()
+    # No worker outlives the run, even one killed outright; each ends its trial keeping its checkpoint.
+    assert gone(children)
+    assert "Traceback" not in err
+    if sig == signal.SIGTERM:
+        assert parent.returncode == 130 and err.strip().splitlines()[-1] == INTERRUPTED
+    stopped = [t for t in trials(storage) if t.state == TrialState.FAIL]
+    assert sorted(pid(t) for t in stopped) == sorted(children)
+    assert all(t.user_attrs["fail_reason"].startswith("interrupted in epoch") for t in stopped)
+    queued = [t for t in trials(storage) if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["continues"] for t in queued) == sorted(t.number for t in stopped)
+    assert checkpoint_files(tmp_path) == sorted(f"trial-{t.number}.pt" for t in stopped)
