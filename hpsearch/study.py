@@ -275,13 +275,20 @@ def _next_trial(
             # Optuna expects a heartbeat only under its own optimize loop; ``_run`` beats it here.
             warnings.filterwarnings("ignore", "Heartbeat of storage")
             trial = study.ask()
-    if budget is not None and record.CONTINUES not in trial.user_attrs and _ahead(study, trial) >= budget:
+    if budget is not None and not _queued(study, trial) and _ahead(study, trial) >= budget:
         # Only without a lock (behind a storage proxy): another worker took the last place in the
         # same instant. This trial has not run; it is closed at once and not counted.
         trial.set_user_attr(record.FAIL_REASON, f"not run: the study's {budget} trials were taken")
         study.tell(trial, state=TrialState.FAIL)
         return None
     return trial
+
+
+def _queued(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether ``trial`` was taken from the queue (a grid configuration, a continuation), which
+    holds its place in the budget already."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    return record.QUEUED in frozen.system_attrs or record.CONTINUES in frozen.user_attrs
 
 
 def _reap(study: optuna.Study, retries: int, checkpoints: Checkpoints) -> None:
