@@ -85,7 +85,7 @@ def test_a_trial_running_elsewhere_counts_towards_the_budget_while_it_beats(tmp_
 def test_a_stale_trial_is_failed_and_continued_so_the_budget_fills(tmp_path: Path) -> None:
     study, checkpoints, path = setup(tmp_path, n_trials=2)
     remote = elsewhere(study, 1)
-    time.sleep(2.5)  # past the grace: its worker is taken for dead
+    time.sleep(3.5)  # past the grace of 2 s (SQLite's clock counts whole seconds): taken for dead
     run(path, study, checkpoints)
     trials = study.trials
     lost = trials[remote.number]

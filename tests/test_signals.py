@@ -26,9 +26,18 @@ def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def importing_torch(pid: int) -> bool:
+    """Whether the process has begun loading torch's library: well inside hpsearch's imports."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()
+
+
 def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
     proc = start(tmp_path, "--study", "quickstart")
-    time.sleep(0.3)  # well inside the imports, before any output
+    # Inside the imports, before any output, however busy the machine is.
+    deadline = time.monotonic() + 30
+    while not importing_torch(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
