@@ -180,13 +180,12 @@ def run(
         click.echo(f"resuming: {done} finished trials stored", err=True)
     # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    click.echo(f"checkpoints: {checkpoints.folder}", err=True)
     if workers > 1:
-        click.echo(f"checkpoints: {checkpoints.folder}", err=True)
         pins = [f"cuda:{i % gpus}" for i in range(workers)] if gpus > 1 else [device] * workers
         _run_workers(pins, study_name, resolve_url(storage), n_trials, timeout, data_dir)
         _best_summary(study)
         return
-    click.echo(f"checkpoints: {checkpoints.folder}", err=True)
     summary = run_study(
         spec,
         study,

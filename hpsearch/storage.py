@@ -455,9 +455,15 @@ def serve_proxy(url: str | None, host: str, port: int, ready: Callable[[], None]
         server.stop(grace=None)
 
 
+def _unwrapped(storage: BaseStorage) -> BaseStorage:
+    """The storage itself: Optuna wraps a study's RDB storage in an in-process cache."""
+    backend: BaseStorage = getattr(storage, "_backend", storage)
+    return backend
+
+
 def url_of(storage: BaseStorage) -> str:
     """The URL a storage opened here was opened from (the password included)."""
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps a study's RDB storage in a cache
+    backend = _unwrapped(storage)
     if isinstance(backend, optuna.storages.RDBStorage):
         return backend.engine.url.render_as_string(hide_password=False)
     if isinstance(backend, GrpcStorageProxy):
@@ -474,7 +480,7 @@ def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
     operating system or the server when a worker dies. Behind a storage proxy there is no lock: a
     trial started past the budget in the same instant as another is closed at once (see ``study``).
     """
-    backend = getattr(storage, "_backend", storage)
+    backend = _unwrapped(storage)
     if not isinstance(backend, optuna.storages.RDBStorage):
         yield
         return

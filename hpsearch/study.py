@@ -275,7 +275,7 @@ def _next_trial(
             # Optuna expects a heartbeat only under its own optimize loop; ``_run`` beats it here.
             warnings.filterwarnings("ignore", "Heartbeat of storage")
             trial = study.ask()
-    if budget is not None and not _queued(study, trial) and _ahead(study, trial) >= budget:
+    if budget is not None and not _queued(study, trial) and _taken(study, trial.number) >= budget:
         # Only without a lock (behind a storage proxy): another worker took the last place in the
         # same instant. This trial has not run; it is closed at once and not counted.
         trial.set_user_attr(record.FAIL_REASON, f"not run: the study's {budget} trials were taken")
@@ -319,16 +319,10 @@ def _reap(study: optuna.Study, retries: int, checkpoints: Checkpoints) -> None:
                     checkpoints.delete(chain_of(lost))
 
 
-def _taken(study: optuna.Study) -> int:
-    """Trials that fill the budget: finished ones and those running."""
-    return len(study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING)))
-
-
-def _ahead(study: optuna.Study, trial: optuna.Trial) -> int:
-    return sum(
-        t.number < trial.number
-        for t in study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
-    )
+def _taken(study: optuna.Study, before: int | None = None) -> int:
+    """Trials that fill the budget: finished ones and those running (numbered below ``before``)."""
+    taken = study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
+    return len(taken) if before is None else sum(t.number < before for t in taken)
 
 
 def _run(

@@ -212,3 +212,17 @@ def test_foreign_database_is_refused_untouched(foreign_url: str, tmp_path: Path)
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "accounts" in lines[0], result.output
     assert contents(foreign_url) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_holds_a_bounded_pool_of_connections() -> None:
+    from hpsearch.storage import PG_MAX_OVERFLOW, PG_POOL_SIZE, open_storage
+
+    storage = open_storage(pg_url())
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    pool = storage.engine.pool
+    try:
+        # What the README promises a server: at most four connections per worker.
+        assert (pool.size(), pool._max_overflow) == (PG_POOL_SIZE, PG_MAX_OVERFLOW) == (2, 2)
+        assert pool._pre_ping
+    finally:
+        storage.engine.dispose()
