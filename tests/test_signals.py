@@ -23,7 +23,14 @@ def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=answer_ctrl_c,
     )
+
+
+def answer_ctrl_c() -> None:
+    """In the child: SIGINT as a terminal delivers it. A test run started in the background of a
+    shell inherits SIGINT ignored, and Python then installs no handler for it at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def importing_torch(pid: int) -> bool:

@@ -228,7 +228,8 @@ def workers_in_epoch_two(storage: str, parent: subprocess.Popen[str]) -> set[int
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_the_workers_of_one_run_stop_with_it(tmp_path: Path, sig: signal.Signals) -> None:
-    write_study(tmp_path, "resume", STUDY)
+    # Eight epochs: a worker signalled in its second is still inside that trial when the signal lands.
+    write_study(tmp_path, "resume", STUDY.replace("epochs = 4", "epochs = 8"))
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
     cmd = [sys.executable, "-m", "hpsearch", "run", "--study", "resume.toml", "--storage", storage]
     parent = subprocess.Popen(
