@@ -21,7 +21,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import record
+from hpsearch import record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, continue_trial
 from hpsearch.datasets import load_dataset
 from hpsearch.record import TrialRecord
@@ -231,16 +231,20 @@ def run_study(
     summary = RunSummary()
     current: list[int] = []
     try:
-        while (n_trials is None or summary.ran < n_trials) and time.monotonic() < deadline:
-            trial = _next_trial(study, spec, budget, checkpoints)
-            if trial is None:
-                break
-            current[:] = [trial.number]
-            frozen = _run(study, trial, spec, dev, data_dir, progress, checkpoints)
-            current.clear()
-            summary.add(frozen, spec)
-            if on_trial:
-                on_trial(study, frozen)
+        # Signals stop a trial's training at once, but never a worker half way through asking for a
+        # trial or telling how one ended.
+        with signals.guard():
+            while (n_trials is None or summary.ran < n_trials) and time.monotonic() < deadline:
+                trial = _next_trial(study, spec, budget, checkpoints)
+                if trial is None:
+                    break
+                current[:] = [trial.number]
+                frozen = _run(study, trial, spec, dev, data_dir, progress, checkpoints)
+                current.clear()
+                summary.add(frozen, spec)
+                if on_trial:
+                    on_trial(study, frozen)
+                signals.check()
     except Exception as exc:
         # A trial's own errors are caught in ``_run``: what gets here comes from the storage. Optuna
         # may replace the storage's error with one of its own, so the cause is looked for along the chain.

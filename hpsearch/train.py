@@ -13,7 +13,7 @@ import optuna
 import torch
 from torch import nn
 
-from hpsearch import record
+from hpsearch import record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, restore, snapshot
 from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, split, subset
 from hpsearch.errors import HpsearchError
@@ -83,80 +83,83 @@ def run_trial(
     rec.claim(trial)
     chain, earlier_s, epoch, keep = chain_of(trial), 0.0, 0, False
     try:
-        cfg = spec.sample(trial)
-        rec.config = cfg.as_dict()
-        # The chain's first trial number, so that a continuation draws what its first trial drew.
-        seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, chain)
-        rec.seed = seed
-        torch.manual_seed(seed)
-        data = load_dataset(cfg.data.name, data_dir, str(device))
-        cfg.data.check_sizes(len(data.train_y), len(data.test_y))
-        train_idx, val_idx = split(
-            len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
-        )
-        test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
-        slices = batch_slices(len(train_idx), cfg.data.batch_size)
-        model = _build(cfg.model.name, cfg.model.kwargs, data, device)
-        rec.n_params = sum(p.numel() for p in model.parameters())
-        optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
-        run = Schedule(cfg.train.epochs, len(slices), "max" if task.direction == "maximize" else "min")
-        stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=optimizer, run=run)
-        max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
-        g = torch.Generator(device=device).manual_seed(seed)
-        deadline = start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-        value = math.nan
-        state = checkpoints.load(chain) if checkpoints and record.CONTINUES in trial.user_attrs else None
-        if state is not None and state["params"] == trial.params:
-            rec.restore(restore(state, model, optimizer, stepper, g))
-            earlier_s, rec.resumed_epoch = rec.run_time_s, state["epoch"]
-            # The lost trial may have died between its checkpoint and its report.
-            for done, v in enumerate(rec.val, start=1):
-                _report(trial, v, done)
-            value = rec.val[-1]
-        for epoch in range(len(rec.val) + 1, cfg.train.epochs + 1):
-            t0 = time.perf_counter()
-
-            def in_time(e: int = epoch) -> None:
-                if time.perf_counter() > deadline:
-                    raise OutOfTime(f"time limit of {cfg.train.max_minutes:g} min reached in epoch {e}")
-
-            def on_check(done: float, e: int = epoch) -> None:
-                in_time(e)
-                if progress:
-                    progress(e, cfg.train.epochs, done, None)
-
-            loss, penalty = train_epoch(
-                model,
-                data,
-                task,
-                train_idx,
-                slices,
-                cfg.data,
-                cfg.train.l1,
-                optimizer,
-                stepper,
-                g,
-                device,
-                max_loss,
-                on_check,
+        with signals.live():  # a signal stops training at once
+            cfg = spec.sample(trial)
+            rec.config = cfg.as_dict()
+            # The chain's first trial number, so that a continuation draws what its first trial drew.
+            seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, chain)
+            rec.seed = seed
+            torch.manual_seed(seed)
+            data = load_dataset(cfg.data.name, data_dir, str(device))
+            cfg.data.check_sizes(len(data.train_y), len(data.test_y))
+            train_idx, val_idx = split(
+                len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
             )
-            speed = len(train_idx) / (time.perf_counter() - t0)
-            value = evaluate(model, data, task, data.train_x, data.train_y, val_idx, cfg, device)
-            rec.add_epoch(loss, penalty, value, time.perf_counter() - t0, speed)
-            stepper.after_epoch(value)
-            if checkpoints and epoch < cfg.train.epochs:
-                rec.run_time_s = earlier_s + time.perf_counter() - start
-                snap = snapshot(epoch, trial.params, model, optimizer, stepper, g, rec.history())
-                checkpoints.save(chain, snap)
-            _report(trial, value, epoch)
-            if progress:
-                progress(epoch, cfg.train.epochs, 1.0, value)
-            if trial.should_prune():
-                rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
-                raise optuna.TrialPruned(rec.stop_reason)
-            in_time()
-        rec.test = evaluate(model, data, task, data.test_x, data.test_y, test_idx, cfg, device)
-        return value
+            test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
+            slices = batch_slices(len(train_idx), cfg.data.batch_size)
+            model = _build(cfg.model.name, cfg.model.kwargs, data, device)
+            rec.n_params = sum(p.numel() for p in model.parameters())
+            optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
+            run = Schedule(cfg.train.epochs, len(slices), "max" if task.direction == "maximize" else "min")
+            stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=optimizer, run=run)
+            max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
+            g = torch.Generator(device=device).manual_seed(seed)
+            deadline = start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+            value = math.nan
+            state = checkpoints.load(chain) if checkpoints and record.CONTINUES in trial.user_attrs else None
+            if state is not None and state["params"] == trial.params:
+                rec.restore(restore(state, model, optimizer, stepper, g))
+                earlier_s, rec.resumed_epoch = rec.run_time_s, state["epoch"]
+                # The lost trial may have died between its checkpoint and its report.
+                with signals.held():
+                    for done, v in enumerate(rec.val, start=1):
+                        _report(trial, v, done)
+                value = rec.val[-1]
+            for epoch in range(len(rec.val) + 1, cfg.train.epochs + 1):
+                t0 = time.perf_counter()
+
+                def in_time(e: int = epoch) -> None:
+                    if time.perf_counter() > deadline:
+                        raise OutOfTime(f"time limit of {cfg.train.max_minutes:g} min reached in epoch {e}")
+
+                def on_check(done: float, e: int = epoch) -> None:
+                    in_time(e)
+                    if progress:
+                        progress(e, cfg.train.epochs, done, None)
+
+                loss, penalty = train_epoch(
+                    model,
+                    data,
+                    task,
+                    train_idx,
+                    slices,
+                    cfg.data,
+                    cfg.train.l1,
+                    optimizer,
+                    stepper,
+                    g,
+                    device,
+                    max_loss,
+                    on_check,
+                )
+                speed = len(train_idx) / (time.perf_counter() - t0)
+                value = evaluate(model, data, task, data.train_x, data.train_y, val_idx, cfg, device)
+                rec.add_epoch(loss, penalty, value, time.perf_counter() - t0, speed)
+                stepper.after_epoch(value)
+                with signals.held():  # but not half way through writing an epoch down
+                    if checkpoints and epoch < cfg.train.epochs:
+                        rec.run_time_s = earlier_s + time.perf_counter() - start
+                        snap = snapshot(epoch, trial.params, model, optimizer, stepper, g, rec.history())
+                        checkpoints.save(chain, snap)
+                    _report(trial, value, epoch)
+                if progress:
+                    progress(epoch, cfg.train.epochs, 1.0, value)
+                if trial.should_prune():
+                    rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
+                    raise optuna.TrialPruned(rec.stop_reason)
+                in_time()
+            rec.test = evaluate(model, data, task, data.test_x, data.test_y, test_idx, cfg, device)
+            return value
     except Diverged as exc:
         rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
         raise optuna.TrialPruned(rec.stop_reason) from None
@@ -166,7 +169,7 @@ def run_trial(
     except optuna.TrialPruned:
         raise
     except KeyboardInterrupt:
-        rec.fail_reason = f"interrupted in epoch {epoch}"
+        rec.fail_reason = f"interrupted in epoch {epoch}" if epoch else "interrupted while starting"
         keep = True  # the continuation resumes from it
         raise
     except Exception as exc:

@@ -228,8 +228,9 @@ def workers_in_epoch_two(storage: str, parent: subprocess.Popen[str]) -> set[int
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_the_workers_of_one_run_stop_with_it(tmp_path: Path, sig: signal.Signals) -> None:
-    # Eight epochs: a worker signalled in its second is still inside that trial when the signal lands.
-    write_study(tmp_path, "resume", STUDY.replace("epochs = 4", "epochs = 8"))
+    # Forty epochs: however far apart the two workers started, both are inside their trials when the
+    # signal lands (the run is stopped long before they would end).
+    write_study(tmp_path, "resume", STUDY.replace("epochs = 4", "epochs = 40"))
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
     cmd = [sys.executable, "-m", "hpsearch", "run", "--study", "resume.toml", "--storage", storage]
     parent = subprocess.Popen(
