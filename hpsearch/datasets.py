@@ -81,7 +81,13 @@ class Dataset:
             return x
         out = x.float().div_(255.0)
         if resize and resize != out.shape[-1]:
-            out = F.interpolate(out, size=(resize, resize), mode="bilinear", align_corners=False)
+            # Bilinear, as torchvision's Resize filters a PIL image. PIL widens the filter to shrink,
+            # so that every source pixel under an output pixel counts, as the antialiased kernel does;
+            # to enlarge, its filter is the plain bilinear one, which is also the faster.
+            shrink = resize < out.shape[-1]
+            out = F.interpolate(
+                out, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink
+            )
         if flip:
             mask = torch.rand(out.shape[0], device=out.device, generator=generator) < 0.5
             out = torch.where(mask[:, None, None, None], out.flip(-1), out)
