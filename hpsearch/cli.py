@@ -136,6 +136,15 @@ def main() -> None:
     help="Worker processes sharing the study (default: one per visible GPU, else 1); --n-trials is "
     "split between them. With several GPUs each worker gets its own; on the CPU they share the cores.",
 )
+@click.option(
+    "--pack",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train up to K trials at once as one batched model, where they share the network, data and "
+    "batch size (each still its own trial, with its own optimizer settings, reports and pruning). "
+    "Pays on a GPU with small networks; see the README's speed section for when.",
+)
 @interruptible
 @user_errors
 def run(
@@ -146,6 +155,7 @@ def run(
     device: str,
     data_dir: str | None,
     workers: int | None,
+    pack: int,
 ) -> None:
     """Run or resume a study: sample, train, report each epoch, prune.
 
@@ -160,6 +170,7 @@ def run(
     \b
         hpsearch run --study lenet-fashion --n-trials 20 --device cuda
         hpsearch run --study quickstart --workers 2
+        hpsearch run --study lenet-fashion --pack 8 --device cuda
         hpsearch run --study alexnet-fashion --storage grpc://head-node:13000
     """
     from hpsearch.checkpoint import Checkpoints
@@ -183,7 +194,7 @@ def run(
     click.echo(f"checkpoints: {checkpoints.folder}", err=True)
     if workers > 1:
         pins = [f"cuda:{i % gpus}" for i in range(workers)] if gpus > 1 else [device] * workers
-        _run_workers(pins, study_name, resolve_url(storage), n_trials, timeout, data_dir)
+        _run_workers(pins, study_name, resolve_url(storage), n_trials, timeout, data_dir, pack)
         _best_summary(study)
         return
     summary = run_study(
@@ -196,6 +207,7 @@ def run(
         progress=_epoch_bar,
         on_trial=_trial_line,
         checkpoints=checkpoints,
+        pack=pack,
     )
     if not summary.ran:
         click.echo(
@@ -219,6 +231,7 @@ def _run_workers(
     n_trials: int | None,
     timeout: float | None,
     data_dir: str | None,
+    pack: int = 1,
 ) -> None:
     """Run one child ``hpsearch run`` process per entry of ``devices`` on one study, each on its
     device; fail if any of them fails.
@@ -228,7 +241,18 @@ def _run_workers(
     checkpoint; should this process be killed outright, the operating system stops the children.
     """
     workers = len(devices)
-    cmd = [sys.executable, "-m", "hpsearch", "run", "--study", study_name, "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpsearch",
+        "run",
+        "--study",
+        study_name,
+        "--workers",
+        "1",
+        "--pack",
+        str(pack),
+    ]
     cmd += ["--timeout", str(timeout)] if timeout is not None else []
     cmd += ["--data-dir", data_dir] if data_dir else []
     shares: list[list[str]] = [[]] * workers

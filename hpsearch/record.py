@@ -53,6 +53,7 @@ CONTINUES = "continues"
 CHAIN = "chain"
 RETRIES = "retries"
 RESUMED_EPOCH = "resumed_epoch"
+PACK = "pack"  # the trials trained with it as one batched model (``run --pack``), itself included
 
 
 def worker_id() -> str:
@@ -107,6 +108,7 @@ class TrialRecord:
     threads: int | None = None
     continues: int | None = None  # written when the continuation is queued, read back only
     resumed_epoch: int | None = None
+    pack: list[int] | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -172,6 +174,7 @@ class TrialRecord:
             FAIL_REASON: self.fail_reason,
             THREADS: self.threads,
             RESUMED_EPOCH: self.resumed_epoch,
+            PACK: self.pack,
         }
         for key, value in attrs.items():
             if value is not None:
@@ -202,6 +205,7 @@ class TrialRecord:
             threads=a.get(THREADS),
             continues=a.get(CONTINUES),
             resumed_epoch=a.get(RESUMED_EPOCH),
+            pack=a.get(PACK),
         )
 
 

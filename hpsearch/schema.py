@@ -49,6 +49,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     seed: int | None = None  # None: derived from the study seed and the trial number
     max_minutes: float | None = None  # a trial still training after this long stops, as pruned
+    compile: bool = False  # torch.compile the network; the compile time is part of the trial's first epoch
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

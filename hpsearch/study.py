@@ -27,7 +27,7 @@ from hpsearch.datasets import load_dataset
 from hpsearch.record import TrialRecord
 from hpsearch.spec import SpecError, StudySpec, resolve, space_of
 from hpsearch.storage import Heartbeat, StorageError, open_storage, study_lock, url_of
-from hpsearch.train import Progress, resolve_device, run_trial
+from hpsearch.train import Outcome, Progress, resolve_device, run_pack
 
 TrialDone = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
@@ -196,6 +196,7 @@ def run_study(
     progress: Callable[[int], Progress | None] | None = None,
     on_trial: TrialDone | None = None,
     checkpoints: Checkpoints | None = None,
+    pack: int = 1,
 ) -> RunSummary:
     """Run trials of ``spec`` into ``study`` (from ``open_study``) and say what happened.
 
@@ -211,7 +212,12 @@ def run_study(
     (Ctrl-C, SIGTERM in the CLI) fails the running trial, queues its continuation, and is raised
     again. A storage that stops accepting writes raises ``StorageFailed``. ``progress(trial_number)``
     may return a per-epoch progress function; ``on_trial`` is called after each trial.
+
+    ``pack`` trials are taken at a time and those that can train as one batched model do
+    (``train.run_pack``).
     """
+    if pack < 1:
+        raise SpecError(f"pack must be at least 1, not {pack}")
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -235,15 +241,19 @@ def run_study(
         # trial or telling how one ended.
         with signals.guard():
             while (n_trials is None or summary.ran < n_trials) and time.monotonic() < deadline:
-                trial = _next_trial(study, spec, budget, checkpoints)
-                if trial is None:
+                wanted = pack if n_trials is None else min(pack, n_trials - summary.ran)
+                trials = _next_trials(study, spec, budget, checkpoints, wanted)
+                if not trials:
                     break
-                current[:] = [trial.number]
-                frozen = _run(study, trial, spec, dev, data_dir, progress, checkpoints)
-                current.clear()
-                summary.add(frozen, spec)
-                if on_trial:
-                    on_trial(study, frozen)
+                current[:] = [t.number for t in trials]
+
+                def ended(frozen: FrozenTrial) -> None:
+                    current.remove(frozen.number)
+                    summary.add(frozen, spec)
+                    if on_trial:
+                        on_trial(study, frozen)
+
+                _run(study, trials, spec, dev, data_dir, progress, checkpoints, ended)
                 signals.check()
     except Exception as exc:
         # A trial's own errors are caught in ``_run``: what gets here comes from the storage. Optuna
@@ -259,33 +269,38 @@ def run_study(
     return summary
 
 
-def _next_trial(
-    study: optuna.Study, spec: StudySpec, budget: int | None, checkpoints: Checkpoints
-) -> optuna.Trial | None:
-    """The next trial to run, or None when the study has none left for this worker.
+def _next_trials(
+    study: optuna.Study, spec: StudySpec, budget: int | None, checkpoints: Checkpoints, k: int
+) -> list[optuna.Trial]:
+    """Up to ``k`` trials to run next; none when the study has none left for this worker.
 
     Under the study's lock, so that no other worker counts or starts a trial meanwhile: trials of
-    dead workers are failed and continued, then a queued trial is taken or a new one sampled, unless
-    the finished and running ones already fill ``budget``.
+    dead workers are failed and continued, then queued trials are taken or new ones sampled, as long
+    as the finished and running ones do not fill ``budget``.
     """
+    taken: list[optuna.Trial] = []
     with study_lock(study._storage, study.study_name):
         _reap(study, spec.study.retries, checkpoints)
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if spec.enumerates and not any(record.QUEUED in t.system_attrs for t in waiting):
-            return None  # a grid runs its queued configurations, each once
-        if budget is not None and _taken(study) >= budget:
-            return None
-        with warnings.catch_warnings():
-            # Optuna expects a heartbeat only under its own optimize loop; ``_run`` beats it here.
-            warnings.filterwarnings("ignore", "Heartbeat of storage")
-            trial = study.ask()
-    if budget is not None and not _queued(study, trial) and _taken(study, trial.number) >= budget:
-        # Only without a lock (behind a storage proxy): another worker took the last place in the
-        # same instant. This trial has not run; it is closed at once and not counted.
-        trial.set_user_attr(record.FAIL_REASON, f"not run: the study's {budget} trials were taken")
-        study.tell(trial, state=TrialState.FAIL)
-        return None
-    return trial
+        for _ in range(k):
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if spec.enumerates and not any(record.QUEUED in t.system_attrs for t in waiting):
+                break  # a grid runs its queued configurations, each once
+            if budget is not None and _taken(study) >= budget:
+                break
+            with warnings.catch_warnings():
+                # Optuna expects a heartbeat only under its own optimize loop; ``_run`` beats it here.
+                warnings.filterwarnings("ignore", "Heartbeat of storage")
+                taken.append(study.ask())
+    kept = []
+    for trial in taken:
+        if budget is not None and not _queued(study, trial) and _taken(study, trial.number) >= budget:
+            # Only without a lock (behind a storage proxy): another worker took the last place in
+            # the same instant. This trial has not run; it is closed at once and not counted.
+            trial.set_user_attr(record.FAIL_REASON, f"not run: the study's {budget} trials were taken")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            kept.append(trial)
+    return kept
 
 
 def _queued(study: optuna.Study, trial: optuna.Trial) -> bool:
@@ -331,29 +346,32 @@ def _taken(study: optuna.Study, before: int | None = None) -> int:
 
 def _run(
     study: optuna.Study,
-    trial: optuna.Trial,
+    trials: list[optuna.Trial],
     spec: StudySpec,
     dev: torch.device,
     data_dir: str | None,
     progress: Callable[[int], Progress | None] | None,
     checkpoints: Checkpoints,
-) -> FrozenTrial:
-    """Run one trial with its heartbeat beating and tell the study how it ended."""
-    shown = progress(trial.number) if progress else None
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        try:
-            value = run_trial(trial, spec, dev, data_dir, shown, checkpoints)
-        except optuna.TrialPruned:
+    ended: Callable[[FrozenTrial], None],
+) -> None:
+    """Run ``trials`` with their heartbeats beating and tell the study how each ended, as it ends."""
+
+    def tell(trial: optuna.Trial, outcome: Outcome) -> None:
+        if isinstance(outcome, optuna.TrialPruned):
             _tell(study, trial, state=TrialState.PRUNED)
-        except KeyboardInterrupt:
+        elif isinstance(outcome, KeyboardInterrupt):
             frozen = study.tell(trial, state=TrialState.FAIL)
             continue_trial(study, frozen, crashed=False, max_retries=spec.study.retries)
-            raise
-        except Exception:  # the reason is in the trial's record
+        elif isinstance(outcome, BaseException):  # the reason is in the trial's record
             _tell(study, trial, state=TrialState.FAIL)
         else:
-            _tell(study, trial, value)
-    return study._storage.get_trial(trial._trial_id)
+            _tell(study, trial, outcome)
+        ended(study._storage.get_trial(trial._trial_id))
+
+    with contextlib.ExitStack() as beating:
+        for trial in trials:
+            beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))  # type: ignore[arg-type]
+        run_pack(trials, spec, dev, data_dir, progress, checkpoints, tell)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:

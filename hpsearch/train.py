@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import optuna
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
 from hpsearch import record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, restore, snapshot
 from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, split, subset
 from hpsearch.errors import HpsearchError
 from hpsearch.models import build_model
-from hpsearch.optim import Schedule, Stepper, build_optimizer, build_scheduler
+from hpsearch.optim import Schedule, build_optimizer, build_scheduler
 from hpsearch.record import TrialRecord, worker_id
 from hpsearch.spec import StudySpec, TrialConfig
 from hpsearch.task import Task
@@ -26,6 +29,10 @@ from hpsearch.task import Task
 # Batches between divergence checks: each check is one host sync, so the inner loop never waits
 # on the device per batch, yet a blown-up run stops within its first epoch.
 CHECK_EVERY = 16
+
+# Device types where the members of a pack train as one batched model (``_Stacked``); elsewhere
+# they train side by side (``_SideBySide``).
+BATCHED_ON = {"cuda"}
 
 # progress(epoch, epochs, fraction of the epoch done, validation metric once the epoch is evaluated)
 Progress = Callable[[int, int, float, float | None], None]
@@ -61,6 +68,10 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+Outcome = float | BaseException  # a trial's final validation metric, or how it ended otherwise
+OnEnd = Callable[[optuna.Trial, Outcome], None]
+
+
 def run_trial(
     trial: optuna.Trial,
     spec: StudySpec,
@@ -78,108 +89,258 @@ def run_trial(
     checkpoint is deleted when the trial ends, unless a signal ended it. Whatever happens, the
     trial's record (config, per-epoch history, how it ended) is written once, as it ends.
     """
-    start, task = time.perf_counter(), spec.task
-    rec = TrialRecord(device=str(device), worker=worker_id(), threads=torch.get_num_threads())
-    rec.claim(trial)
-    chain, earlier_s, epoch, keep = chain_of(trial), 0.0, 0, False
+    shown = (lambda number: progress) if progress else None
+    outcome = run_pack([trial], spec, device, data_dir, shown, checkpoints)[trial.number]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_pack(
+    trials: list[optuna.Trial],
+    spec: StudySpec,
+    device: torch.device,
+    data_dir: str | None = None,
+    progress: Callable[[int], Progress | None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    on_end: OnEnd | None = None,
+) -> dict[int, Outcome]:
+    """Run ``trials`` as ``run_trial`` runs one, training those that can share a pack at once.
+
+    Trials share a pack when they train the same network on the same data in the same batches
+    (``_Member.pack_key``): their models are stacked and trained as one batched model
+    (``torch.func.vmap``), each with its own optimizer, scheduler and random streams, so each trains
+    the numbers it would train alone (networks with dropout draw other masks). Each still reports,
+    is pruned and ends on its own; a member that ends leaves the pack and the others train on. The
+    others (LBFGS, ``train.compile``, a continuation resuming from its checkpoint) run alone, one
+    pack after another. ``on_end(trial, outcome)`` is called as each trial ends; a signal ends every
+    trial not yet ended and is raised again. Returns each trial's outcome by number.
+    """
+    outcomes: dict[int, Outcome] = {}
+
+    def end(m: _Member, exc: BaseException | None) -> None:
+        with signals.held():
+            outcomes[m.trial.number] = outcome = m.close(exc)
+            if on_end:
+                on_end(m.trial, outcome)
+
+    waiting: list[_Member] = []
     try:
         with signals.live():  # a signal stops training at once
-            cfg = spec.sample(trial)
-            rec.config = cfg.as_dict()
-            # The chain's first trial number, so that a continuation draws what its first trial drew.
-            seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, chain)
-            rec.seed = seed
-            torch.manual_seed(seed)
-            data = load_dataset(cfg.data.name, data_dir, str(device))
-            cfg.data.check_sizes(len(data.train_y), len(data.test_y))
-            train_idx, val_idx = split(
-                len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
-            )
-            test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
-            slices = batch_slices(len(train_idx), cfg.data.batch_size)
-            model = _build(cfg.model.name, cfg.model.kwargs, data, device)
-            rec.n_params = sum(p.numel() for p in model.parameters())
-            optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
-            run = Schedule(cfg.train.epochs, len(slices), "max" if task.direction == "maximize" else "min")
-            stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=optimizer, run=run)
-            max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
-            g = torch.Generator(device=device).manual_seed(seed)
-            deadline = start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-            value = math.nan
-            state = checkpoints.load(chain) if checkpoints and record.CONTINUES in trial.user_attrs else None
-            if state is not None and state["params"] == trial.params:
-                rec.restore(restore(state, model, optimizer, stepper, g))
-                earlier_s, rec.resumed_epoch = rec.run_time_s, state["epoch"]
-                # The lost trial may have died between its checkpoint and its report.
-                with signals.held():
-                    for done, v in enumerate(rec.val, start=1):
-                        _report(trial, v, done)
-                value = rec.val[-1]
-            for epoch in range(len(rec.val) + 1, cfg.train.epochs + 1):
-                t0 = time.perf_counter()
+            for trial in trials:
+                m = _Member(trial, spec, device, checkpoints)
+                waiting.append(m)
+                try:
+                    m.setup(data_dir)
+                except Exception as exc:
+                    waiting.remove(m)
+                    end(m, exc)
+            packs: dict[Any, list[_Member]] = {}
+            for m in waiting:
+                packs.setdefault(m.pack_key(), []).append(m)
+            for pack in packs.values():
+                if len(pack) > 1:
+                    for m in pack:
+                        m.rec.pack = [other.trial.number for other in pack]
+                shown = progress(pack[0].trial.number) if progress else None
+                _train_pack(pack, shown, end)
+                waiting = [m for m in waiting if m not in pack]
+    except KeyboardInterrupt as exc:
+        for m in waiting:
+            if m.trial.number not in outcomes:
+                end(m, exc)
+        raise
+    return outcomes
 
-                def in_time(e: int = epoch) -> None:
-                    if time.perf_counter() > deadline:
-                        raise OutOfTime(f"time limit of {cfg.train.max_minutes:g} min reached in epoch {e}")
 
-                def on_check(done: float, e: int = epoch) -> None:
-                    in_time(e)
-                    if progress:
-                        progress(e, cfg.train.epochs, done, None)
+def _train_pack(
+    pack: list[_Member], progress: Progress | None, end: Callable[[_Member, BaseException | None], None]
+) -> None:
+    """Train the members of one pack epoch by epoch, ending each as it finishes or stops."""
+    first = pack[0]
+    live = list(pack)
+    try:
+        for m in live:
+            m.resume()
+        epochs = first.cfg.train.epochs
+        for epoch in range(first.epoch + 1, epochs + 1):
+            if not live:
+                return
+            t0 = time.perf_counter()
 
-                loss, penalty = train_epoch(
-                    model,
-                    data,
-                    task,
-                    train_idx,
-                    slices,
-                    cfg.data,
-                    cfg.train.l1,
-                    optimizer,
-                    stepper,
-                    g,
-                    device,
-                    max_loss,
-                    on_check,
-                )
-                speed = len(train_idx) / (time.perf_counter() - t0)
-                value = evaluate(model, data, task, data.train_x, data.train_y, val_idx, cfg, device)
-                rec.add_epoch(loss, penalty, value, time.perf_counter() - t0, speed)
-                stepper.after_epoch(value)
-                with signals.held():  # but not half way through writing an epoch down
-                    if checkpoints and epoch < cfg.train.epochs:
-                        rec.run_time_s = earlier_s + time.perf_counter() - start
-                        snap = snapshot(epoch, trial.params, model, optimizer, stepper, g, rec.history())
-                        checkpoints.save(chain, snap)
-                    _report(trial, value, epoch)
+            def on_check(done: float, e: int = epoch) -> None:
                 if progress:
-                    progress(epoch, cfg.train.epochs, 1.0, value)
-                if trial.should_prune():
-                    rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
-                    raise optuna.TrialPruned(rec.stop_reason)
-                in_time()
-            rec.test = evaluate(model, data, task, data.test_x, data.test_y, test_idx, cfg, device)
-            return value
-    except Diverged as exc:
-        rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
-        raise optuna.TrialPruned(rec.stop_reason) from None
-    except OutOfTime as exc:
-        rec.stop(epoch, str(exc))
-        raise optuna.TrialPruned(rec.stop_reason) from None
-    except optuna.TrialPruned:
-        raise
+                    progress(e, epochs, done, None)
+
+            train_epoch(live, first.data, first.spec.task, first.cfg.data, first.device, on_check)
+            seconds = time.perf_counter() - t0
+            for m in list(live):
+                try:
+                    m.end_epoch(epoch, seconds)
+                except Exception as exc:
+                    live.remove(m)
+                    end(m, exc)
+            if progress and live:
+                progress(epoch, epochs, 1.0, live[0].value)
+        for m in list(live):
+            m.test()
+            live.remove(m)
+            end(m, None)
     except KeyboardInterrupt:
-        rec.fail_reason = f"interrupted in epoch {epoch}" if epoch else "interrupted while starting"
-        keep = True  # the continuation resumes from it
         raise
-    except Exception as exc:
-        rec.fail_reason = failure(exc)
-        raise
-    finally:
-        rec.run_time_s = earlier_s + time.perf_counter() - start
-        rec.save(trial, task)
-        if checkpoints and not keep:
-            checkpoints.delete(chain)
+    except Exception as exc:  # from the pack's shared work: it ends every member still training
+        for m in live:
+            end(m, exc)
+
+
+class _Member:
+    """One trial's training: set up as ``run_trial`` describes, trained alone or in a pack."""
+
+    def __init__(
+        self, trial: optuna.Trial, spec: StudySpec, device: torch.device, checkpoints: Checkpoints | None
+    ) -> None:
+        self.start = time.perf_counter()
+        self.trial, self.spec, self.device, self.checkpoints = trial, spec, device, checkpoints
+        self.rec = TrialRecord(device=str(device), worker=worker_id(), threads=torch.get_num_threads())
+        self.rec.claim(trial)
+        self.chain, self.earlier_s, self.epoch, self.keep = chain_of(trial), 0.0, 0, False
+        self.value = math.nan
+        self.stopped: BaseException | None = (
+            None  # set by ``train_epoch`` when the loss diverges or time runs out
+        )
+        self.state: dict[str, Any] | None = None
+        self.built = False  # ``setup`` has run
+        # The epoch in training (``train_epoch``): the member's order, its summed loss and penalty and
+        # its worst batch loss, on the device; then the means.
+        self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
+        self.loss = self.penalty = math.nan
+
+    def setup(self, data_dir: str | None) -> None:
+        """Sample the configuration and build everything its training needs."""
+        trial, spec, device = self.trial, self.spec, self.device
+        self.cfg = cfg = spec.sample(trial)
+        self.rec.config = cfg.as_dict()
+        # The chain's first trial number, so that a continuation draws what its first trial drew.
+        seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, self.chain)
+        self.rec.seed = seed
+        torch.manual_seed(seed)
+        self.data = data = load_dataset(cfg.data.name, data_dir, str(device))
+        cfg.data.check_sizes(len(data.train_y), len(data.test_y))
+        self.train_idx, self.val_idx = split(
+            len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
+        )
+        self.test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
+        self.slices = batch_slices(len(self.train_idx), cfg.data.batch_size)
+        self.model = model = _build(cfg.model.name, cfg.model.kwargs, data, device)
+        self.net: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+        self.rec.n_params = sum(p.numel() for p in model.parameters())
+        self.optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
+        run = Schedule(
+            cfg.train.epochs, len(self.slices), "max" if spec.task.direction == "maximize" else "min"
+        )
+        self.stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=self.optimizer, run=run)
+        self.max_loss = cfg.train.max_loss or spec.task.max_loss(data.num_outputs)
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.deadline = self.start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        if self.checkpoints and record.CONTINUES in trial.user_attrs:
+            state = self.checkpoints.load(self.chain)
+            self.state = state if state is not None and state["params"] == trial.params else None
+        self.built = True
+
+    def pack_key(self) -> Any:
+        """Members with equal keys train in step, as one batched model."""
+        alone = (
+            self.state is not None  # resumes at its own epoch
+            or self.cfg.train.compile
+            or isinstance(self.optimizer, torch.optim.LBFGS)  # steps re-evaluate the loss
+        )
+        if alone:
+            return ("alone", self.trial.number)
+        cfg = self.cfg
+        return (cfg.model.name, repr(sorted(cfg.model.kwargs.items())), cfg.data, cfg.train.epochs)
+
+    def resume(self) -> None:
+        """Start from the chain's checkpoint when this trial continues a lost one."""
+        if self.state is None:
+            return
+        self.rec.restore(restore(self.state, self.model, self.optimizer, self.stepper, self.g))
+        self.earlier_s, self.rec.resumed_epoch = self.rec.run_time_s, self.state["epoch"]
+        self.epoch = self.state["epoch"]
+        # The lost trial may have died between its checkpoint and its report.
+        with signals.held():
+            for done, v in enumerate(self.rec.val, start=1):
+                _report(self.trial, v, done)
+        self.value = self.rec.val[-1]
+
+    def out_of_time(self, epoch: int) -> OutOfTime | None:
+        if time.perf_counter() > self.deadline:
+            return OutOfTime(f"time limit of {self.cfg.train.max_minutes:g} min reached in epoch {epoch}")
+        return None
+
+    def end_epoch(self, epoch: int, seconds: float) -> None:
+        """Evaluate, record, checkpoint and report the epoch ``train_epoch`` trained; raise how the
+        trial stops if it does."""
+        self.epoch = epoch
+        if self.stopped is not None:
+            raise self.stopped
+        cfg, trial, task = self.cfg, self.trial, self.spec.task
+        t0 = time.perf_counter()
+        self.value = value = evaluate(
+            self.net, self.data, task, self.data.train_x, self.data.train_y, self.val_idx, cfg, self.device
+        )
+        seconds += time.perf_counter() - t0
+        self.rec.add_epoch(self.loss, self.penalty, value, seconds, len(self.train_idx) / seconds)
+        self.stepper.after_epoch(value)
+        with signals.held():  # not half way through writing an epoch down
+            if self.checkpoints and epoch < cfg.train.epochs:
+                self.rec.run_time_s = self.earlier_s + time.perf_counter() - self.start
+                snap = snapshot(
+                    epoch, trial.params, self.model, self.optimizer, self.stepper, self.g, self.rec.history()
+                )
+                self.checkpoints.save(self.chain, snap)
+            _report(trial, value, epoch)
+        if trial.should_prune():
+            self.rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
+            raise optuna.TrialPruned(self.rec.stop_reason)
+        late = self.out_of_time(epoch)
+        if late is not None:
+            raise late
+
+    def test(self) -> None:
+        data = self.data
+        self.rec.test = evaluate(
+            self.net, data, self.spec.task, data.test_x, data.test_y, self.test_idx, self.cfg, self.device
+        )
+
+    def close(self, exc: BaseException | None) -> Outcome:
+        """Write the trial's record as it ends and say how it ended: its value, or the exception
+        (``optuna.TrialPruned`` for a diverged or late trial) that ``run_trial`` raises."""
+        rec, epoch = self.rec, self.epoch
+        outcome: Outcome
+        if exc is None:
+            outcome = self.value
+        elif isinstance(exc, Diverged):
+            rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
+            outcome = optuna.TrialPruned(rec.stop_reason)
+        elif isinstance(exc, OutOfTime):
+            rec.stop(epoch, str(exc))
+            outcome = optuna.TrialPruned(rec.stop_reason)
+        elif isinstance(exc, optuna.TrialPruned):
+            outcome = exc
+        elif isinstance(exc, KeyboardInterrupt):
+            rec.fail_reason = (
+                f"interrupted in epoch {epoch + 1}" if self.built else "interrupted while starting"
+            )
+            self.keep = True  # the continuation resumes from it
+            outcome = exc
+        else:
+            rec.fail_reason = failure(exc)
+            outcome = exc
+        rec.run_time_s = self.earlier_s + time.perf_counter() - self.start
+        rec.save(self.trial, self.spec.task)
+        if self.checkpoints and not self.keep:
+            self.checkpoints.delete(self.chain)
+        return outcome
 
 
 def _report(trial: optuna.Trial, value: float, epoch: int) -> None:
@@ -212,58 +373,75 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
 
 
 def train_epoch(
-    model: nn.Module,
+    members: list[_Member],
     data: Dataset,
     task: Task,
-    idx: torch.Tensor,
-    slices: list[slice],
     data_cfg: DataConfig,
-    l1: float,
-    optimizer: torch.optim.Optimizer,
-    stepper: Stepper,
-    g: torch.Generator,
     device: torch.device,
-    max_loss: float,
     on_check: Callable[[float], None] | None = None,
-) -> tuple[float, float]:
-    """One pass over ``idx`` in the batches ``slices``: the mean data loss and mean L1 penalty.
+) -> None:
+    """One pass of each member over its training indices in its own order, batch by batch in step.
 
-    Every ``CHECK_EVERY`` batches the data loss is checked for divergence and ``on_check`` is told
-    the fraction of the epoch done: the one host sync serves both.
+    Each member's mean data loss and L1 penalty end in ``member.loss``/``member.penalty``. Every
+    ``CHECK_EVERY`` batches each member's loss is checked for divergence and its time limit, and
+    ``on_check`` is told the fraction of the epoch done: one host sync serves all. A member that
+    diverges or runs out of time stops training here, ``member.stopped`` saying why.
     """
-    model.train()
+    live = [m for m in members if m.stopped is None]
     loss_fn = task.loss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    order = idx[torch.randperm(len(idx), generator=g, device=device)]
-    total = torch.zeros((), device=device)
-    penalty_total = torch.zeros((), device=device)
-    # torch.maximum propagates NaN, so one tensor tracks both blow-ups and non-finite losses.
-    worst = torch.zeros((), device=device)
+    slices = members[0].slices
+    for m in live:
+        m.model.train()
+        m.order = m.train_idx[torch.randperm(len(m.train_idx), generator=m.g, device=device)]
+        m.total = torch.zeros((), device=device)
+        m.penalty_total = torch.zeros((), device=device)
+        # torch.maximum propagates NaN, so one tensor tracks both blow-ups and non-finite losses.
+        m.worst = torch.zeros((), device=device)
     channels_last = device.type == "cuda" and data.train_x.dim() == 4
+    together = _together(live, device)
     seen = 0
     for n, s in enumerate(slices, start=1):
-        batch = order[s]
-        x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, g)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, penalty = _step(model, optimizer, loss_fn, x, data.train_y[batch], l1, params, device)
-        total += loss * len(batch)
-        if penalty is not None:
-            penalty_total += penalty * len(batch)
-        seen += len(batch)
-        worst = torch.maximum(worst, loss)
-        stepper.after_batch()
-        if n % CHECK_EVERY == 0:
-            _check(float(worst), max_loss, n)
-            if on_check:
+        xs, ys = [], []
+        for m in live:
+            batch = m.order[s]
+            x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g)
+            xs.append(
+                x.contiguous(memory_format=torch.channels_last) if channels_last and len(live) == 1 else x
+            )
+            ys.append(data.train_y[batch])
+        losses = together.step(loss_fn, xs, ys, device)
+        size = len(ys[0])
+        seen += size
+        for m, (loss, penalty) in zip(live, losses, strict=True):
+            m.total += loss * size
+            if penalty is not None:
+                m.penalty_total += penalty * size
+            m.worst = torch.maximum(m.worst, loss)
+            m.stepper.after_batch()
+        within = n % CHECK_EVERY == 0  # the epoch's end is checked for time after its evaluation
+        if within or n == len(slices):
+            for m in live:
+                m.stopped = _diverged(float(m.worst), m.max_loss, n) or (
+                    m.out_of_time(m.epoch + 1) if within else None
+                )
+            if on_check and within:
                 on_check(n / len(slices))
-    _check(float(worst), max_loss, len(slices))
-    return float(total) / seen, float(penalty_total) / seen
+            if any(m.stopped for m in live):
+                together.close()
+                live = [m for m in live if m.stopped is None]
+                if not live:
+                    break
+                together = _together(live, device)
+    else:
+        together.close()
+    for m in members:
+        m.loss, m.penalty = float(m.total) / seen, float(m.penalty_total) / seen
 
 
-def _check(worst: float, max_loss: float, n_batches: int) -> None:
+def _diverged(worst: float, max_loss: float, n_batches: int) -> Diverged | None:
     if not math.isfinite(worst) or worst > max_loss:
-        raise Diverged(f"training loss reached {worst:.4g} (limit {max_loss:.4g}) by batch {n_batches}")
+        return Diverged(f"training loss reached {worst:.4g} (limit {max_loss:.4g}) by batch {n_batches}")
+    return None
 
 
 def _step(
@@ -273,18 +451,18 @@ def _step(
     x: torch.Tensor,
     y: torch.Tensor,
     l1: float,
-    params: list[nn.Parameter],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on a batch: the batch's data loss and, with ``l1``, its L1 penalty term
     (neither synced)."""
     first: list[torch.Tensor | None] = []
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
             loss = loss_fn(model(x), y).float()
-        penalty = l1 * torch.stack([p.abs().sum() for p in params]).sum() if l1 else None
+        penalty = _l1(params, l1)
         if not first:  # LBFGS calls this several times; the first call is the loss before the step
             first[:] = [loss.detach(), None if penalty is None else penalty.detach()]
         objective = loss if penalty is None else loss + penalty
@@ -296,6 +474,114 @@ def _step(
     loss, penalty = first
     assert loss is not None
     return loss, penalty
+
+
+def _l1(params: list[nn.Parameter], l1: float) -> torch.Tensor | None:
+    return l1 * torch.stack([p.abs().sum() for p in params]).sum() if l1 else None
+
+
+def _together(members: list[_Member], device: torch.device) -> _Alone | _Stacked | _SideBySide:
+    """How the live members of a pack take their steps: one alone as always; several as one batched
+    model on a GPU; side by side on the CPU cores, where grouped convolutions (what ``vmap`` makes of
+    a batch of convolutions) are slower than separate ones (``benchmarks/speed.py`` measures both)."""
+    if len(members) == 1:
+        return _Alone(members[0])
+    if device.type in BATCHED_ON:
+        return _Stacked(members)
+    return _SideBySide(members)
+
+
+class _Alone:
+    """One member's steps: exactly a trial trained by itself."""
+
+    def __init__(self, member: _Member) -> None:
+        self.m = member
+
+    def step(
+        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        m = self.m
+        return [_step(m.net, m.optimizer, loss_fn, xs[0], ys[0], m.cfg.train.l1, device)]
+
+    def close(self) -> None:
+        pass
+
+
+class _SideBySide:
+    """The members' own steps run at once, one thread per core, each step on one core's share of
+    torch's threads (torch's kernels let go of Python's lock while they compute)."""
+
+    def __init__(self, members: list[_Member]) -> None:
+        self.members = members
+        cores = torch.get_num_threads()
+        lanes = min(len(members), cores)
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="pack")
+        self.threads = cores
+        torch.set_num_threads(max(1, cores // lanes))
+
+    def step(
+        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        def one(k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            m = self.members[k]
+            return _step(m.net, m.optimizer, loss_fn, xs[k], ys[k], m.cfg.train.l1, device)
+
+        return list(self.pool.map(one, range(len(self.members))))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        torch.set_num_threads(self.threads)
+
+
+class _Stacked:
+    """The members of a pack as one batched model: their parameters stacked along a new first
+    dimension at every step (so each member's optimizer keeps stepping its own parameters) and the
+    network applied to each member's batch with ``torch.func.vmap``."""
+
+    def __init__(self, members: list[_Member]) -> None:
+        self.members = members
+        self.base = copy.deepcopy(members[0].model).to("meta")
+        self.names = [name for name, p in members[0].model.named_parameters() if p.requires_grad]
+        self.buffer_names = [name for name, _ in members[0].model.named_buffers()]
+
+        def loss_of(
+            params: dict[str, torch.Tensor],
+            buffers: dict[str, torch.Tensor],
+            x: torch.Tensor,
+            y: torch.Tensor,
+            loss_fn: nn.Module,
+        ) -> torch.Tensor:
+            return loss_fn(functional_call(self.base, (params, buffers), (x,)), y).float()
+
+        self.losses = vmap(loss_of, in_dims=(0, 0, 0, 0, None), randomness="different")
+
+    def step(
+        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        members = self.members
+        own = [dict(m.model.named_parameters()) for m in members]
+        own_buffers = [dict(m.model.named_buffers()) for m in members]
+        params = {n: torch.stack([p[n] for p in own]) for n in self.names}
+        buffers = {n: torch.stack([b[n] for b in own_buffers]) for n in self.buffer_names}
+        for m in members:
+            m.optimizer.zero_grad(set_to_none=True)
+        self.base.train()
+        with _autocast(device):
+            losses = self.losses(params, buffers, torch.stack(xs), torch.stack(ys), loss_fn)
+        penalties = [_l1([own[k][n] for n in self.names], m.cfg.train.l1) for k, m in enumerate(members)]
+        objective = losses.sum() + sum(p for p in penalties if p is not None)
+        objective.backward()
+        with torch.no_grad():
+            for n in self.buffer_names:  # batch norm's running statistics, updated in the stacked copy
+                for k, b in enumerate(own_buffers):
+                    b[n].copy_(buffers[n][k])
+        for m in members:
+            m.optimizer.step()
+        detached = losses.detach()
+        return [(detached[k], None if p is None else p.detach()) for k, p in enumerate(penalties)]
+
+    def close(self) -> None:
+        pass
 
 
 @torch.inference_mode()

@@ -386,6 +386,7 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "eval_batch_size": 1024,
             "seed": None,
             "max_minutes": None,
+            "compile": False,
         }
         assert cfg["model"]["init"] == "default" and cfg["model"]["name"] == "bn_cnn"
     assert seen == {("sgd", "none"), ("sgd", "step"), ("adam", "none"), ("adam", "step")}
