@@ -284,12 +284,13 @@ class _Member:
         if self.stopped is not None:
             raise self.stopped
         cfg, trial, task = self.cfg, self.trial, self.spec.task
+        speed = len(self.train_idx) / seconds  # training examples per second of training
         t0 = time.perf_counter()
         self.value = value = evaluate(
             self.net, self.data, task, self.data.train_x, self.data.train_y, self.val_idx, cfg, self.device
         )
         seconds += time.perf_counter() - t0
-        self.rec.add_epoch(self.loss, self.penalty, value, seconds, len(self.train_idx) / seconds)
+        self.rec.add_epoch(self.loss, self.penalty, value, seconds, speed)
         self.stepper.after_epoch(value)
         with signals.held():  # not half way through writing an epoch down
             if self.checkpoints and epoch < cfg.train.epochs:
