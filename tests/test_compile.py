@@ -61,7 +61,6 @@ def one_trial(tmp_path: Path, compile: bool) -> TrialRecord:
 def test_a_compiled_trial_trains_the_numbers_of_an_uncompiled_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
