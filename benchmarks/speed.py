@@ -805,6 +805,16 @@ def versions() -> dict[str, str]:
 # The command.
 
 
+def _packs(text: str) -> list[int]:
+    try:
+        packs = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of pack sizes: {text!r}") from None
+    if any(k < 1 for k in packs):
+        raise argparse.ArgumentTypeError("pack sizes must be 1 or more")
+    return packs
+
+
 def _models(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in SETUPS]
@@ -853,7 +863,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--no-process", action="store_true", help="skip the whole-process section")
     add(
         "--packs",
-        type=lambda t: [int(k) for k in t.split(",") if k],
+        type=_packs,
         default=[1, 4, 16],
         help="pack sizes K of the packed-trials section, comma-separated (default 1,4,16; empty: skip it)",
     )

@@ -234,6 +234,7 @@ class _Member:
         self.model = model = _build(cfg.model.name, cfg.model.kwargs, data, device)
         self.net: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
         self.rec.n_params = sum(p.numel() for p in model.parameters())
+        self.params = [p for p in model.parameters() if p.requires_grad]  # what L1 penalises
         self.optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
         run = Schedule(
             cfg.train.epochs, len(self.slices), "max" if spec.task.direction == "maximize" else "min"
@@ -451,13 +452,13 @@ def _step(
     loss_fn: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    params: list[nn.Parameter],
     l1: float,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on a batch: the batch's data loss and, with ``l1``, its L1 penalty term
     (neither synced)."""
     first: list[torch.Tensor | None] = []
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -502,7 +503,7 @@ class _Alone:
         self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         m = self.m
-        return [_step(m.net, m.optimizer, loss_fn, xs[0], ys[0], m.cfg.train.l1, device)]
+        return [_step(m.net, m.optimizer, loss_fn, xs[0], ys[0], m.params, m.cfg.train.l1, device)]
 
     def close(self) -> None:
         pass
@@ -525,7 +526,7 @@ class _SideBySide:
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         def one(k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             m = self.members[k]
-            return _step(m.net, m.optimizer, loss_fn, xs[k], ys[k], m.cfg.train.l1, device)
+            return _step(m.net, m.optimizer, loss_fn, xs[k], ys[k], m.params, m.cfg.train.l1, device)
 
         return list(self.pool.map(one, range(len(self.members))))
 
@@ -544,6 +545,9 @@ class _Stacked:
         self.base = copy.deepcopy(members[0].model).to("meta")
         self.names = [name for name, p in members[0].model.named_parameters() if p.requires_grad]
         self.buffer_names = [name for name, _ in members[0].model.named_buffers()]
+        # Each member's own tensors, stepped in place by its optimizer: stacked afresh every step.
+        self.own = [dict(m.model.named_parameters()) for m in members]
+        self.own_buffers = [dict(m.model.named_buffers()) for m in members]
 
         def loss_of(
             params: dict[str, torch.Tensor],
@@ -560,8 +564,7 @@ class _Stacked:
         self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         members = self.members
-        own = [dict(m.model.named_parameters()) for m in members]
-        own_buffers = [dict(m.model.named_buffers()) for m in members]
+        own, own_buffers = self.own, self.own_buffers
         params = {n: torch.stack([p[n] for p in own]) for n in self.names}
         buffers = {n: torch.stack([b[n] for b in own_buffers]) for n in self.buffer_names}
         for m in members:
@@ -569,7 +572,7 @@ class _Stacked:
         self.base.train()
         with _autocast(device):
             losses = self.losses(params, buffers, torch.stack(xs), torch.stack(ys), loss_fn)
-        penalties = [_l1([own[k][n] for n in self.names], m.cfg.train.l1) for k, m in enumerate(members)]
+        penalties = [_l1(m.params, m.cfg.train.l1) for m in members]
         objective = losses.sum() + sum(p for p in penalties if p is not None)
         objective.backward()
         with torch.no_grad():
