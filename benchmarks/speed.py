@@ -65,6 +65,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import hpsearch.backends
 import hpsearch.train
 from hpsearch.checkpoint import Checkpoints
 from hpsearch.datasets import DEBIAN_FASHION_MNIST, batch_slices, load_dataset, split, subset, validation_size
@@ -262,20 +263,19 @@ def flops_per_image(setup: Setup) -> float:
 
 
 @contextlib.contextmanager
-def hpsearch_backends(device: torch.device) -> Iterator[None]:
-    """The CUDA settings ``hpsearch run`` trains under (``hpsearch.study.run_study``); the seeds' loop
-    runs under torch's defaults."""
-    if device.type != "cuda":
-        yield
-        return
+def torch_defaults(device: torch.device) -> Iterator[None]:
+    """torch's own CUDA settings, for the seeds' loop: the hpsearch loop's trial sets cuDNN autotuning
+    and TF32 for the whole process (``hpsearch.backends.prepare``). The allocator setting it makes
+    cannot be taken back, so ``main`` makes it before either loop runs: both loops train under it, the
+    per-epoch figures compare the loops alone, and the process section shows what it adds."""
     saved = (
         torch.backends.cudnn.benchmark,
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
     )
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions
     try:
         yield
     finally:
@@ -371,7 +371,8 @@ def seed_loop(
     train_iter = seed_lenet.loader(seed_lenet.subset(train, train_idx), setup.batch_size, True, workers)
     test_iter = seed_lenet.loader(seed_lenet.subset(test, test_idx), setup.batch_size, False, workers)
     optimizer = torch.optim.SGD(net.parameters(), lr=setup.lr)
-    run = seed_lenet.train_ch6(net, train_iter, test_iter, epochs, optimizer, ctx.device)
+    with torch_defaults(ctx.device):
+        run = seed_lenet.train_ch6(net, train_iter, test_iter, epochs, optimizer, ctx.device)
     return LoopFigures.of(
         run.train_images,
         run.train_s,
@@ -410,7 +411,7 @@ def hpsearch_loop(ctx: Context, spec: StudySpec) -> LoopFigures:
     trial = study.ask()
     stopped = None
     try:
-        with hpsearch_backends(ctx.device), evaluations_timed() as evals:
+        with evaluations_timed() as evals:
             value = run_trial(trial, spec, ctx.device)
         study.tell(trial, value)
     except optuna.TrialPruned as exc:  # diverged: report what it did
@@ -703,10 +704,8 @@ def pack_section(ctx: Context) -> dict[str, Any]:
             progress(f"{n} LeNet trials, pack {k}{' batched' if batched and k > 1 else ''}")
             seed_lenet.sync(ctx.device)
             start = time.perf_counter()
-            with hpsearch_backends(ctx.device):
-                run_study(
-                    spec, study, device=str(ctx.device), pack=k, checkpoints=Checkpoints(db.with_suffix(""))
-                )
+            saved = Checkpoints(db.with_suffix(""))
+            run_study(spec, study, device=str(ctx.device), pack=k, checkpoints=saved)
             seed_lenet.sync(ctx.device)
             wall = time.perf_counter() - start
         finally:
@@ -906,6 +905,7 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(args.device)
     load_dataset(DATASET, None, str(device))  # hpsearch loads it once per process, before any trial
+    hpsearch.backends.keep_freed_memory()  # for both loops: see torch_defaults
     record: dict[str, Any] = {"machine": machine(device), "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="hpsearch-speed-") as tmp:
         root = seed_lenet.torchvision_root(Path(tmp) / "torchvision", DEBIAN_FASHION_MNIST)

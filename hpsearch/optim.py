@@ -39,7 +39,15 @@ def build_optimizer(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimi
         raise ValueError(f"Invalid learning rate: {kwargs['lr']}; it must be positive")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return OPTIMIZERS[name](params, **kwargs)
+    cls = OPTIMIZERS[name]
+    if isinstance(cls, type) and issubclass(cls, torch.optim.LBFGS):
+        # LBFGS steps a flat view of every parameter, which a channels-last weight cannot give:
+        # its network keeps the plain layout (a batch in channels-last still passes through it).
+        params = list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor):
+                p.data = p.data.contiguous()
+    return cls(params, **kwargs)
 
 
 @dataclass(frozen=True)

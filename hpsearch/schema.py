@@ -46,7 +46,7 @@ class TrainConfig:
     epochs: int = 10
     l1: float = 0.0  # L1 penalty coefficient, added to the loss that is minimised
     max_loss: float | None = None  # a batch's data loss above it stops the trial; None: the task's limit
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: the device's default (train.EVAL_BATCH)
     seed: int | None = None  # None: derived from the study seed and the trial number
     max_minutes: float | None = None  # a trial still training after this long stops, as pruned
     compile: bool = False  # torch.compile the network; the compile time is part of the trial's first epoch
@@ -58,7 +58,7 @@ class TrainConfig:
             raise ValueError(f"l1 must be 0 or more, not {self.l1}")
         if self.max_loss is not None and not self.max_loss > 0:
             raise ValueError(f"max_loss must be positive, not {self.max_loss}")
-        if self.eval_batch_size < 1:
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be at least 1, not {self.eval_batch_size}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be 0 or more, not {self.seed}")

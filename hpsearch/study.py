@@ -219,10 +219,6 @@ def run_study(
     if pack < 1:
         raise SpecError(f"pack must be at least 1, not {pack}")
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if checkpoints is None:
         checkpoints = Checkpoints.of(spec.name, spec.study.checkpoints, url_of(study._storage))
     budget = spec.n_trials if n_trials is None else None

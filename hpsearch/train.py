@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from hpsearch import record, signals
+from hpsearch import backends, record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, restore, snapshot
 from hpsearch.datasets import DataConfig, Dataset, batch_slices, load_dataset, split, subset
 from hpsearch.errors import HpsearchError
@@ -33,6 +33,10 @@ CHECK_EVERY = 16
 # Device types where the members of a pack train as one batched model (``_Stacked``); elsewhere
 # they train side by side (``_SideBySide``).
 BATCHED_ON = {"cuda"}
+
+# Evaluation batch size where ``[train] eval_batch_size`` is unset: on the CPU larger batches fall
+# out of its caches and run slower per image (``benchmarks/speed.py``); a GPU wants wide batches.
+EVAL_BATCH = {"cpu": 256, "cuda": 1024}
 
 # progress(epoch, epochs, fraction of the epoch done, validation metric once the epoch is evaluated)
 Progress = Callable[[int, int, float, float | None], None]
@@ -116,6 +120,7 @@ def run_pack(
     pack after another. ``on_end(trial, outcome)`` is called as each trial ends; a signal ends every
     trial not yet ended and is raised again. Returns each trial's outcome by number.
     """
+    backends.prepare(device)
     outcomes: dict[int, Outcome] = {}
 
     def end(m: _Member, exc: BaseException | None) -> None:
@@ -362,9 +367,15 @@ def failure(exc: BaseException) -> str:
 
 def _build(name: str, kwargs: dict[str, Any], data: Dataset, device: torch.device) -> nn.Module:
     model = build_model(name, data.in_channels, data.num_outputs, **kwargs).to(device)
-    if device.type == "cuda" and data.train_x.dim() == 4:
+    if data.train_x.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images in channels-last, the layout ``_build`` keeps the networks in: oneDNN's
+    convolutions on the CPU and the tensor cores on a GPU are fastest in it."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _autocast(device: torch.device) -> AbstractContextManager[Any]:
@@ -399,7 +410,6 @@ def train_epoch(
         m.penalty_total = torch.zeros((), device=device)
         # torch.maximum propagates NaN, so one tensor tracks both blow-ups and non-finite losses.
         m.worst = torch.zeros((), device=device)
-    channels_last = device.type == "cuda" and data.train_x.dim() == 4
     together = _together(live, device)
     seen = 0
     for n, s in enumerate(slices, start=1):
@@ -407,9 +417,7 @@ def train_epoch(
         for m in live:
             batch = m.order[s]
             x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g)
-            xs.append(
-                x.contiguous(memory_format=torch.channels_last) if channels_last and len(live) == 1 else x
-            )
+            xs.append(x if isinstance(together, _Stacked) else _layout(x))
             ys.append(data.train_y[batch])
         losses = together.step(loss_fn, xs, ys, device)
         size = len(ys[0])
@@ -601,11 +609,11 @@ def evaluate(
 ) -> float:
     """The task's metric (accuracy, mean squared error) over ``xs[idx]``."""
     model.eval()
-    bs = cfg.train.eval_batch_size
+    bs = cfg.train.eval_batch_size or EVAL_BATCH[device.type]
     score = torch.zeros((), device=device, dtype=torch.float64)
     for i in range(0, len(idx), bs):
         batch = idx[i : i + bs]
         with _autocast(device):
-            out = model(data.inputs(xs[batch], cfg.data.resize)).float()
+            out = model(_layout(data.inputs(xs[batch], cfg.data.resize))).float()
         score += task.score(out, ys[batch])
     return float(score) / len(idx)

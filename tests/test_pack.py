@@ -83,10 +83,14 @@ def alone(tmp_path: Path, text: str, packed: list[FrozenTrial]) -> list[FrozenTr
     return run(tmp_path, "alone", text, pack=1, enqueue=[t.params for t in packed])
 
 
-def same_training(packed: FrozenTrial, single: FrozenTrial, spec_task: Any) -> None:
+def same_training(packed: FrozenTrial, single: FrozenTrial, spec_task: Any, way: str) -> None:
     a, b = TrialRecord.of(packed, spec_task), TrialRecord.of(single, spec_task)
     assert packed.params == single.params and a.seed == b.seed
-    assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+    # Side by side, each member runs the very kernels it runs alone. Batched, vmap turns the
+    # members' convolutions into one grouped convolution over NCHW images, where alone they run
+    # channels-last: the same sums in another order, and float rounding that two epochs of batch
+    # norm and momentum carry from ~1e-7 to ~1e-4 of the loss.
+    assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4 if way == "side-by-side" else 1e-3)
     # Accuracy over 25 validation images: a logit that moves by float rounding may flip one.
     assert a.val == pytest.approx(b.val, abs=1.5 / 25)
     assert a.test == pytest.approx(b.test, abs=1.5 / 200)
@@ -111,7 +115,7 @@ def test_a_pack_of_four_trains_what_four_single_trials_train(tmp_path: Path, mod
     singles = alone(tmp_path, text, packed)
     for p, s in zip(packed, singles, strict=True):
         assert TrialRecord.of(s, task).pack is None
-        same_training(p, s, task)
+        same_training(p, s, task, way)
     # The packed trials did train differently from one another.
     assert len({tuple(TrialRecord.of(t, task).train_loss) for t in packed}) == 4
 
@@ -136,7 +140,7 @@ def test_a_member_that_stops_leaves_the_others_training(tmp_path: Path, way: str
     assert blown.epochs_run == 0
     singles = alone(tmp_path, text, packed)
     for i in (0, 2, 3):
-        same_training(packed[i], singles[i], spec.task)
+        same_training(packed[i], singles[i], spec.task, way)
 
 
 def test_configurations_that_cannot_share_a_pack_run_alone(tmp_path: Path) -> None:

@@ -383,7 +383,7 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "epochs": 10,
             "l1": 0.0,
             "max_loss": pytest.approx(10 * math.log(10)),  # resolved at load: 10·ln(classes)
-            "eval_batch_size": 1024,
+            "eval_batch_size": None,  # the device's own, chosen when it trains (train.EVAL_BATCH)
             "seed": None,
             "max_minutes": None,
             "compile": False,
