@@ -24,7 +24,7 @@ from hpsearch.models import MODELS
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS
 from hpsearch.record import TrialRecord, study_task
 from hpsearch.search import PRUNERS, SAMPLERS
-from hpsearch.spec import SpecError, list_studies, load_spec
+from hpsearch.spec import SpecError, StudySpec, list_studies, load_spec
 from hpsearch.storage import ENV_STORAGE, resolve_url
 from hpsearch.train import Progress, resolve_device
 
@@ -89,10 +89,13 @@ def main() -> None:
 
     \b
     hpsearch list                              what can be searched, and the bundled studies
+    hpsearch plan --study quickstart           what a study will cost, before running it
     hpsearch run --study quickstart            run (or resume) a study
     hpsearch export --study quickstart         best configurations as a CSV table
     hpsearch best --study quickstart           the best trial as a runnable study file
+    hpsearch fork --study quickstart --to NEW.toml  a new study from an edited file, with the trials that fit
     hpsearch report --study quickstart -o DIR  figures comparing the optimizers
+    hpsearch lr-find --study quickstart        a learning rate from a range test, as a plot
     hpsearch dashboard                         browse studies in optuna-dashboard
     """
     # Optuna flags features such as the heartbeat and grouped TPE as experimental on every use;
@@ -145,6 +148,20 @@ def main() -> None:
     "batch size (each still its own trial, with its own optimizer settings, reports and pruning). "
     "Pays on a GPU with small networks; see the README's speed section for when.",
 )
+@click.option(
+    "--warm-from",
+    metavar="OTHER_STUDY",
+    default=None,
+    help="Run the best complete trials of another study in the same storage first: those whose values "
+    "fit this study's space, with the values of its searched parameters (the rest are sampled).",
+)
+@click.option(
+    "--warm-top",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="How many of OTHER_STUDY's best trials --warm-from considers (default: 5).",
+)
 @interruptible
 @user_errors
 def run(
@@ -156,6 +173,8 @@ def run(
     data_dir: str | None,
     workers: int | None,
     pack: int,
+    warm_from: str | None,
+    warm_top: int | None,
 ) -> None:
     """Run or resume a study: sample, train, report each epoch, prune.
 
@@ -165,19 +184,25 @@ def run(
     the total of every worker on every machine. With --workers N, N processes share the one study:
     one per GPU, or several small nets on one GPU or on the CPU cores. On several machines, run
     `hpsearch run` on each against one PostgreSQL --storage URL, or a grpc:// URL served by
-    `hpsearch storage-proxy`. Examples:
+    `hpsearch storage-proxy`. The study file's [[study.enqueue]] configurations run first, and with
+    --warm-from the best configurations of another stored study. Examples:
 
     \b
         hpsearch run --study lenet-fashion --n-trials 20 --device cuda
         hpsearch run --study quickstart --workers 2
         hpsearch run --study lenet-fashion --pack 8 --device cuda
         hpsearch run --study alexnet-fashion --storage grpc://head-node:13000
+        hpsearch run --study lenet-fashion --warm-from quickstart --warm-top 3
     """
     from hpsearch.checkpoint import Checkpoints
-    from hpsearch.study import finished, open_study, run_study
+    from hpsearch.study import finished, open_study, run_study, warm_start
 
     spec = load_spec(study_name)
-    # Device and data are checked first, so a mistake there leaves no empty study behind.
+    if warm_top is not None and warm_from is None:
+        raise click.UsageError("--warm-top goes with --warm-from OTHER_STUDY")
+    # The other study, the device and the data are checked first, so a mistake there leaves no
+    # empty study behind.
+    warm_source = _warm_source(spec, warm_from, storage) if warm_from else None
     dev = resolve_device(device)
     gpus = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 0
     workers = workers or max(1, gpus)
@@ -189,6 +214,9 @@ def run(
     click.echo(f"study {spec.name}: {spec.description}".rstrip(": "), err=True)
     if done:
         click.echo(f"resuming: {done} finished trials stored", err=True)
+    if warm_source is not None:
+        for line in warm_start(study, spec, warm_source, warm_top or 5).lines():
+            click.echo(line, err=True)
     # Each trial's line already says why it failed; Optuna's own log would repeat it as a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     click.echo(f"checkpoints: {checkpoints.folder}", err=True)
@@ -222,6 +250,18 @@ def run(
     _best_summary(study)
     if summary.all_failed:
         raise click.ClickException(f"every trial of this run failed ({summary.ran}); the reasons are above")
+
+
+def _warm_source(spec: StudySpec, name: str, storage: str | None) -> optuna.Study:
+    """The stored study ``--warm-from`` names, read-only; refused for a grid study, which runs
+    exactly its grid."""
+    from hpsearch.storage import load_stored_study
+
+    if spec.enumerates:
+        raise click.UsageError(
+            f"--warm-from: {spec.name} is a grid search and runs every configuration of its grid already"
+        )
+    return load_stored_study(name, storage)
 
 
 def _run_workers(
@@ -358,6 +398,104 @@ def _best_summary(study: optuna.Study) -> None:
     test = TrialRecord.of(best, task).test
     if test is not None:
         click.echo(f"  test {task.metric}: {test:.4f}")
+
+
+@main.command()
+@study_option
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to measure, as `run` would train: auto (CUDA when present), cpu, cuda or cuda:N.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True),
+    envvar="HPSEARCH_DATA_DIR",
+    default=None,
+    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
+    "the cache, /usr/share/datasets, then a download).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes the study would run with (default as `run`: one per visible GPU, else 1). "
+    "The study's time is divided by it; on the CPU each step is timed with one worker's share of the cores.",
+)
+@click.option(
+    "--n-trials",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Estimate for this many trials instead of the file's n_trials.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Training steps timed per setting, after one warm-up step.",
+)
+@click.option(
+    "--max-settings",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="Measure at most this many of the settings that change a step's cost (batch size, input "
+    "size, model, optimizer), spread over all of them.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Time batches of at most N examples and scale the step time up to the batch size: a quick, "
+    "rougher look at a large network on a slow device.",
+)
+@storage_option
+@user_errors
+def plan(
+    study_name: str,
+    device: str,
+    data_dir: str | None,
+    workers: int | None,
+    n_trials: int | None,
+    steps: int,
+    max_settings: int,
+    max_batch: int | None,
+    storage: str | None,
+) -> None:
+    """Say what a study will cost before running it, measured on this machine.
+
+    Prints the search space (every parameter, searched or fixed; the grid's size for a grid), the
+    pruner's schedule (Hyperband's brackets and the epochs of their rungs, a median pruner's
+    warm-up...), then puts one real batch of the study's data through the model, forward and
+    backward, on --device: a model that cannot take the data (a fixed input size, the wrong number
+    of channels) fails here, in one line that says what to change. It times a few training steps
+    with the study's optimizer for each batch size, model and optimizer the study searches, and
+    estimates the time of a trial and of the whole study (an upper bound: pruned trials stop early;
+    where the pruner's schedule allows, the expected time with pruning too), and the disk that
+    checkpoints take. Nothing is stored; --storage only says where checkpoints would go. Examples:
+
+    \b
+        hpsearch plan --study lenet-fashion --device cpu
+        hpsearch plan --study alexnet-fashion --device cuda --workers 4
+        hpsearch plan --study vgg-fashion --device cpu --max-batch 8 --max-settings 3
+    """
+    from hpsearch.plan import make_plan, render
+
+    spec = load_spec(study_name)
+    found = make_plan(
+        spec,
+        device=device,
+        data_dir=data_dir,
+        workers=workers,
+        n_trials=n_trials,
+        steps=steps,
+        max_settings=max_settings,
+        max_batch=max_batch,
+        storage=storage,
+    )
+    click.echo(render(found))
 
 
 @main.command(name="storage-proxy")
@@ -609,6 +747,197 @@ def best(study_name: str, storage: str | None) -> None:
             err=True,
         )
     click.echo(best_toml(study), nl=False)
+
+
+@main.command()
+@click.option(
+    "--study", "study_name", required=True, metavar="NAME", help="Stored study to fork (left as it is)."
+)
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    metavar="NEW.toml",
+    help="The edited study file; the new study is named after its stem.",
+)
+@click.option(
+    "--drop",
+    type=click.IntRange(min=0),
+    multiple=True,
+    metavar="N",
+    help="Leave out trial N of NAME (repeat for several).",
+)
+@storage_option
+@user_errors
+def fork(study_name: str, target: str, drop: tuple[int, ...], storage: str | None) -> None:
+    """Start a new study from an edited study file with the trials of a stored one that fit it.
+
+    Optuna cannot change a study's choices or delete a bad trial. Copy the study file, edit it
+    (add a choice, narrow a range), and fork: the new study, in the same storage, starts with
+    every complete and pruned trial of NAME that lies inside the new space and was not dropped,
+    with its values, per-epoch reports and record; `hpsearch run` then continues it. It says how
+    many trials it copied and why it left the others out. NAME itself is only read. Example:
+
+    \b
+        cp studies/quickstart.toml quickstart-rmsprop.toml   # add "rmsprop" to optimizer.name
+        hpsearch fork --study quickstart --to quickstart-rmsprop.toml --drop 3
+        hpsearch run --study quickstart-rmsprop.toml
+    """
+    from hpsearch.fork import fork_study
+
+    spec = load_spec(target)
+    for line in fork_study(study_name, spec, storage, drop).lines():
+        click.echo(line)
+
+
+@main.command(name="lr-find")
+@study_option
+@click.option(
+    "--optimizer",
+    default=None,
+    metavar="NAME",
+    help="One of the study's optimizers (default: its fixed optimizer, or its first choice).",
+)
+@click.option("--steps", type=click.IntRange(min=3), default=100, show_default=True, help="Rates to try.")
+@click.option(
+    "--start", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True, help="First lr."
+)
+@click.option(
+    "--end", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Last lr."
+)
+@click.option(
+    "-o",
+    "--out",
+    metavar="PATH",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="The plot (PNG; default: lr-find-STUDY-OPTIMIZER.png here).",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    metavar="PATH",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write every step's lr, loss and smoothed loss as CSV.",
+)
+@click.option(
+    "--apply",
+    "apply_to",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Also write a copy of the study file with this optimizer's lr search narrowed around the "
+    "suggestion (default: STEM-lr.toml here); the study file itself is never changed.",
+)
+@click.option("--force", is_flag=True, help="Let --apply replace an existing file.")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True),
+    envvar="HPSEARCH_DATA_DIR",
+    default=None,
+    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
+    "the cache, /usr/share/datasets, then a download).",
+)
+@user_errors
+def lr_find(
+    study_name: str,
+    optimizer: str | None,
+    steps: int,
+    start: float,
+    end: float,
+    out: str | None,
+    csv_path: str | None,
+    apply_to: str | None,
+    force: bool,
+    device: str,
+    data_dir: str | None,
+) -> None:
+    """Find a learning rate: the range test, on the study's network, data and optimizer.
+
+    Trains the network from fresh weights, one batch per rate, raising the rate exponentially
+    from --start to --end and stopping once the smoothed loss passes 4 times its best. The
+    suggested rate is where the smoothed loss falls fastest (before its minimum): a good rate to
+    train at, and the centre of a narrower lr range to search. Other searched values take the
+    middle of their range (or their first choice), as printed. Writes a plot of loss against lr;
+    --apply also writes a copy of the study file with that optimizer's lr range narrowed to
+    suggestion/10 … suggestion×3. Examples:
+
+    \b
+        hpsearch lr-find --study lenet-fashion --optimizer adam
+        hpsearch lr-find --study optimizers-regression --apply   # writes optimizers-regression-lr.toml
+        hpsearch run --study optimizers-regression-lr.toml
+    """
+    from pathlib import Path
+
+    from hpsearch import lrfind
+
+    spec = load_spec(study_name)
+    name = lrfind.pick_optimizer(spec, optimizer)
+    target = None if apply_to is None else lrfind.apply_target(spec, apply_to)
+    if target is not None:  # before the sweep: a file it cannot write is known now
+        lrfind.check_apply(spec, name, target, force)
+    plot_path = Path(out) if out else Path(f"lr-find-{spec.name}-{name}.png")
+    for path in (plot_path, Path(csv_path) if csv_path else None, target):
+        if path is not None and not path.parent.is_dir():
+            raise click.ClickException(f"cannot write {path}: folder {path.parent} does not exist")
+    dev = resolve_device(device)
+    shown = _sweep_bar(steps) if sys.stderr.isatty() else None
+    result = lrfind.lr_find(
+        spec, name, steps=steps, start=start, end=end, device=dev, data_dir=data_dir, progress=shown
+    )
+    if shown:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    lrfind.plot(result, plot_path)
+    if csv_path:
+        lrfind.write_curve(result, Path(csv_path))
+    settings = ", ".join(f"{k}={_fmt(v)}" for k, v in result.settings.items())
+    click.echo(f"lr range test of {spec.name} with {name}" + (f" ({settings})" if settings else ""))
+    stopped = f" (stopped: {result.stop_reason})" if result.stop_reason else ""
+    click.echo(f"  steps run      {result.steps} of {result.planned}{stopped}")
+    click.echo(f"  lr swept       {result.lrs[0]:.3g} … {result.lrs[-1]:.3g}")
+    click.echo(
+        f"  minimum loss   {result.smoothed[result.best]:.4g} (smoothed) at lr {result.min_loss_lr:.3g}"
+    )
+    suggested = f"{result.suggestion:.3g}" if result.suggestion is not None else "none"
+    click.echo(f"  suggested lr   {suggested}")
+    click.echo(f"  plot           {plot_path}")
+    if csv_path:
+        click.echo(f"  curve          {csv_path}")
+    if result.suggestion is not None and result.fall < lrfind.SMALL_FALL:
+        click.echo(
+            f"note: the smoothed loss fell only {result.fall:.0%} below where it began: the network has "
+            "barely started to learn, so the suggestion says little; read the plot, or try more --steps",
+            err=True,
+        )
+    if result.suggestion is None:
+        raise click.ClickException(
+            f"the smoothed loss never fell between lr {result.lrs[0]:.3g} and {result.lrs[-1]:.3g}, so "
+            "there is no suggestion; see the plot, and try a lower --start or more --steps"
+        )
+    if target is not None:
+        done = lrfind.apply(spec, name, result.suggestion, target, force)
+        click.echo(f"wrote {done.path}: {done.key} = {done.after} (was {done.before})")
+        if done.note:
+            click.echo(f"  {done.note}")
+
+
+def _sweep_bar(steps: int) -> Callable[[int, float, float], None]:
+    """A progress line for the range test, redrawn as steps finish (on a terminal only)."""
+    last = [0.0]
+
+    def show(step: int, lr: float, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.25:
+            return
+        last[0] = now
+        click.echo(f"\rstep {step}/{steps}  lr {lr:.3g}  smoothed loss {loss:.4g}\x1b[K", err=True, nl=False)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -18,10 +18,16 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from hpsearch.datasets import DATASETS, DataConfig
 from hpsearch.errors import HpsearchError
@@ -80,6 +86,8 @@ class StudyConfig:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a table {interval, grace} in seconds
     retries: int = 3  # continuations of a trial whose worker crashed, before it is given up
     checkpoints: str | None = None  # folder; None: checkpoints/STUDY in the storage's artifact folder
+    # [[study.enqueue]]: configurations (parameter name → value) tried before any sampled trial
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.heartbeat, dict):
@@ -232,21 +240,45 @@ class Param:
         bounds = [self.value[k] for k in ("low", "high", "step") if k in self.value]
         return self.kind is float or (self.kind is None and any(isinstance(b, float) for b in bounds))
 
-    def suggest(self, trial: optuna.Trial) -> Any:
-        """The trial's value: fixed, or suggested under ``name`` with Optuna's matching call."""
+    def distribution(self) -> BaseDistribution:
+        """Optuna's distribution of a searched parameter: what ``suggest`` samples from."""
         v = self.value
-        if not self.searched:
-            return v
         if "choices" in v:
-            return trial.suggest_categorical(self.name, v["choices"])
+            return CategoricalDistribution(v["choices"])
         if self.is_float_range:
             step = float(v["step"]) if "step" in v else None
-            return trial.suggest_float(
-                self.name, float(v["low"]), float(v["high"]), step=step, log=v.get("log", False)
-            )
-        return trial.suggest_int(
-            self.name, v["low"], v["high"], step=v.get("step", 1), log=v.get("log", False)
-        )
+            return FloatDistribution(float(v["low"]), float(v["high"]), log=v.get("log", False), step=step)
+        return IntDistribution(v["low"], v["high"], log=v.get("log", False), step=v.get("step", 1))
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Any:
+        """The trial's value: fixed, or suggested under ``name`` with Optuna's matching call."""
+        if not self.searched:
+            return self.value
+        d = self.distribution()
+        if isinstance(d, CategoricalDistribution):
+            return trial.suggest_categorical(self.name, d.choices)
+        if isinstance(d, FloatDistribution):
+            return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
+        assert isinstance(d, IntDistribution)
+        return trial.suggest_int(self.name, d.low, d.high, step=d.step, log=d.log)
+
+    def take(self, value: Any) -> Any:
+        """``value`` as this searched parameter holds it (the listed choice it equals, a float
+        range's value as a float); ``ValueError`` saying why when it is not a value it can take."""
+        d = self.distribution()
+        if isinstance(d, CategoricalDistribution):
+            for choice in d.choices:
+                if same_value(choice, value):
+                    return choice
+            raise ValueError(f"is not among its choices {', '.join(map(repr, d.choices))}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"is not a number; its range is {_range_text(self.value)}")
+        if isinstance(d, IntDistribution) and not isinstance(value, int):
+            raise ValueError(f"is not an integer; its range is {_range_text(self.value)}")
+        taken = float(value) if isinstance(d, FloatDistribution) else value
+        if not d._contains(d.to_internal_repr(taken)):
+            raise ValueError(f"is outside its range {_range_text(self.value)}")
+        return taken
 
 
 @dataclass(frozen=True)
@@ -306,6 +338,147 @@ def space_names(space: dict[str, SectionSpace]) -> list[str]:
     return [p.name for s in space.values() for p in s.every_param() if p.searched]
 
 
+# Where a given configuration lies in a search space: [[study.enqueue]] tables, warm starts, forks.
+
+FitMode = Literal["entry", "warm", "copy"]
+_NO_VALUE = object()
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """A parameter's value that a search space cannot take, and why."""
+
+    name: str
+    value: Any  # _NO_VALUE: the configuration has none
+    why: str
+
+    @property
+    def reason(self) -> str:
+        """The misfit without the value: the same for configurations that miss the same way."""
+        return f"{self.name} {self.why}"
+
+    def __str__(self) -> str:
+        return self.reason if self.value is _NO_VALUE else f"{self.name} = {self.value!r} {self.why}"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A configuration placed in a search space (``fit``)."""
+
+    params: dict[str, Any]  # searched parameter → its value, as the space holds it
+    distributions: dict[str, BaseDistribution]  # searched parameter → the space's distribution
+    misfits: list[Misfit]
+
+
+def fit(
+    space: dict[str, SectionSpace],
+    values: dict[str, Any],
+    mode: FitMode,
+    ran: dict[str, Any] | None = None,
+) -> Fit:
+    """Where the configuration ``values`` (parameter name → value) lies in ``space``.
+
+    ``ran`` is the configuration a stored trial ran with (its record's ``config``, section → keyword
+    arguments): a parameter of the space missing from ``values`` takes its value from there. In every
+    mode a searched value must lie inside its range or among its choices, and a choice's own
+    parameter (``optimizer.sgd.lr``) needs that choice picked (``optimizer.name = "sgd"``). Beyond
+    that, ``mode`` says what else does not fit:
+
+    - ``entry`` (a ``[[study.enqueue]]`` table): a name the space lacks, and any value for a fixed
+      parameter; searched parameters left out are sampled.
+    - ``warm`` (a configuration of another study): a section's ``name`` fixed here at another value;
+      names the space lacks and other fixed parameters are dropped, left-out ones are sampled.
+    - ``copy`` (a trial forked into a new space): a name the space lacks, a fixed parameter at
+      another value, and a searched parameter with no value.
+    """
+    by_name = {p.name: p for s in space.values() for p in s.every_param()}
+    given: dict[str, Any] = {}
+    misfits: list[Misfit] = []
+    for name, value in values.items():
+        if name in by_name:
+            given[name] = value
+        elif mode != "warm":
+            searched = ", ".join(space_names(space)) or "none"
+            misfits.append(Misfit(name, value, f"is not a parameter of this study (searched: {searched})"))
+    chosen: dict[str, Any] = {}  # section → the choice of its name this configuration takes
+    for title, s in space.items():
+        table = (ran or {}).get(title)
+        table = table if isinstance(table, dict) else {}
+        if s.name is not None and s.name.name not in given and "name" in table:
+            given[s.name.name] = table["name"]
+        if s.name is None:
+            chosen[title] = None
+        else:
+            chosen[title] = given.get(s.name.name, _NO_VALUE if s.name.searched else s.name.value)
+        for p in s.params(chosen[title]):
+            if p.name not in given and p.key in table:
+                given[p.name] = table[p.key]
+    params: dict[str, Any] = {}
+    distributions: dict[str, BaseDistribution] = {}
+    for name, value in given.items():
+        p = by_name[name]
+        head = space[p.section].name
+        if not p.searched:
+            if mode == "entry":
+                why = f"is fixed at {p.value!r} in this study, not searched: leave it out"
+                misfits.append(Misfit(name, value, why))
+            elif (mode == "copy" or p is head) and not same_value(value, p.value):
+                misfits.append(Misfit(name, value, f"is fixed at {p.value!r} in this study"))
+            continue
+        if p.choice is not None and head is not None and chosen[p.section] != p.choice:
+            picked = chosen[p.section]
+            why = f"applies only when {head.name} = {p.choice!r}"
+            why += ": set that too" if picked is _NO_VALUE else f", not {picked!r}"
+            misfits.append(Misfit(name, value, why))
+            continue
+        try:
+            params[name] = p.take(value)
+        except ValueError as exc:
+            misfits.append(Misfit(name, value, str(exc)))
+            continue
+        distributions[name] = p.distribution()
+    if mode == "copy":
+        for title, s in space.items():
+            for p in ([s.name] if s.name else []) + list(s.params(chosen[title])):
+                if p.searched and p.name not in given:
+                    misfits.append(Misfit(p.name, _NO_VALUE, "has no value, and this study searches it"))
+    return Fit(params, distributions, misfits)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two study-file values are the same: numbers by value (1 and 1.0), lists and tables
+    item by item, and a flag never the same as a number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def flat_names(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A ``[[study.enqueue]]`` table by parameter name. TOML reads the dotted key
+    ``optimizer.sgd.lr = 0.9`` as nested tables; quoted, ``"optimizer.sgd.lr" = 0.9``, as one key:
+    both are ``optimizer.sgd.lr`` here. No parameter takes a table, so a table is always a level."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(flat_names(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _range_text(table: dict[str, Any]) -> str:
+    low, high = table["low"], table["high"]
+    if table.get("log"):
+        return f"{low}..{high} (log)"
+    return f"{low}..{high} in steps of {table['step']}" if "step" in table else f"{low}..{high}"
+
+
 # Validation.
 
 
@@ -345,9 +518,24 @@ class _Validator:
             self.check_builds(s)
         self.check_fit(raw, space)
         if SAMPLERS.facts(named(raw.get("study", {}).get("sampler", "tpe"))["name"]).enumerates:
+            if raw.get("study", {}).get("enqueue"):
+                why = "a grid study runs every configuration of its grid; remove [[study.enqueue]]"
+                raise self.fail("study.enqueue", why)
             for p in (p for s in space.values() for p in s.every_param()):
                 if p.searched and "choices" not in p.value:
                     raise self.fail(p.name, "the grid sampler needs {choices = [...]}, not a range")
+        self.check_enqueue(raw.get("study", {}).get("enqueue", []), space)
+
+    def check_enqueue(self, entries: list[Any], space: dict[str, SectionSpace]) -> None:
+        """Each ``[[study.enqueue]]`` table gives searched parameters values they can take."""
+        for i, entry in enumerate(entries, 1):
+            where = f"study.enqueue (table {i})"
+            if not isinstance(entry, dict) or not entry:
+                example = "optimizer.lr = 0.01"
+                raise self.fail(where, f"must be a table of parameter = value lines, e.g. {example}")
+            misfits = fit(space, flat_names(entry), "entry").misfits
+            if misfits:
+                raise self.fail(where, str(misfits[0]))
 
     def check_study(self, study: dict[str, Any], data: str) -> None:
         keys = keywords(StudyConfig)
@@ -363,6 +551,8 @@ class _Validator:
                 if not isinstance(value, dict):
                     example = "{interval = 10, grace = 60}"
                     raise self.fail("study.heartbeat", f"must be a table like {example}, not {value!r}")
+            elif key == "enqueue" and not isinstance(value, list):
+                raise self.fail("study.enqueue", "write each configuration as a [[study.enqueue]] table")
             else:
                 self.check_value(f"study.{key}", value, _kind(keys[key]))
         for key, value in study.items():  # one key at a time, so the error names the key

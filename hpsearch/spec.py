@@ -19,10 +19,14 @@ import optuna
 from hpsearch.datasets import DATASETS, DataConfig
 from hpsearch.schema import (
     SECTION_TABLE,
+    Fit,
+    FitMode,
     SectionSpace,
     SpecError,
     StudyConfig,
     TrainConfig,
+    fit,
+    flat_names,
     named,
     space_names,
     validate,
@@ -45,9 +49,9 @@ __all__ = [
 STUDIES_DIR = Path("studies")
 _BUNDLED_STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
-# Keys of [study] that say how long and how robustly to search, not what a stored trial means:
-# free to change between runs.
-_RUN_ONLY = {"n_trials", "timeout", "description", "heartbeat", "retries", "checkpoints"}
+# Keys of [study] that say how long and how robustly to search, and where to start, not what a
+# stored trial means: free to change between runs.
+_RUN_ONLY = {"n_trials", "timeout", "description", "heartbeat", "retries", "checkpoints", "enqueue"}
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,14 @@ class StudySpec:
         """Every searched parameter, in file order."""
         return space_names(self.space)
 
+    def fit(self, values: dict[str, Any], mode: FitMode, ran: dict[str, Any] | None = None) -> Fit:
+        """Where a configuration lies in this study's space (``schema.fit``)."""
+        return fit(self.space, values, mode, ran)
+
+    def first_trials(self) -> list[dict[str, Any]]:
+        """The ``[[study.enqueue]]`` configurations as trial params, to be tried before any sampled one."""
+        return [self.fit(flat_names(entry), "entry").params for entry in self.study.enqueue]
+
     def sampler(self) -> optuna.samplers.BaseSampler:
         table = named(self.study.sampler)
         kwargs = {k: v for k, v in table.items() if k != "name"}
@@ -218,7 +230,7 @@ class StudySpec:
             {k: v for part in combo for k, v in part.items()} for combo in itertools.product(*per_section)
         ]
 
-    def sample(self, trial: optuna.Trial) -> TrialConfig:
+    def sample(self, trial: optuna.trial.BaseTrial) -> TrialConfig:
         """The trial's full configuration: defaults, fixed values and suggested values."""
         picked: dict[str, tuple[Any, dict[str, Any]]] = {}
         for title, s in self.space.items():

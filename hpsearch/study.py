@@ -24,9 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, continue_trial
 from hpsearch.datasets import load_dataset
-from hpsearch.record import TrialRecord
+from hpsearch.record import TrialRecord, study_task
 from hpsearch.spec import SpecError, StudySpec, resolve, space_of
-from hpsearch.storage import Heartbeat, StorageError, open_storage, study_lock, url_of
+from hpsearch.storage import Heartbeat, StorageError, open_storage, shown_url, study_lock, url_of
 from hpsearch.train import Outcome, Progress, resolve_device, run_pack
 
 TrialDone = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -40,9 +40,11 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
     """Create the study named after ``spec``, or load it to resume.
 
     A new study stores the resolved spec, its TOML source, its task and the hpsearch and torch
-    versions; a grid study queues its configurations. An existing one must have been made from the
-    same search space: a change is refused with a list of what changed, since Optuna cannot mix
-    trials from different spaces in one study.
+    versions, and queues its grid's configurations or its ``[[study.enqueue]]`` ones. An existing one
+    must have been made from the same search space: a change is refused with a list of what changed,
+    since Optuna cannot mix trials from different spaces in one study. Resuming queues only the
+    ``[[study.enqueue]]`` configurations the study holds no trial of (tables added to the file since):
+    those queued when it was created are never queued again.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _open_shared_storage(storage_url, spec.study.heartbeat)
@@ -65,38 +67,139 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
         # A seeded sampler replays one sequence in every process: a rerun, or each worker joining
         # the study, would sample configurations already tried. Only the creator keeps the seed.
         study.sampler.reseed_rng()
+        if spec.study.enqueue:
+            with study_lock(storage, spec.name):
+                queue(study, spec.first_trials())
         return study
     try:
-        study = optuna.create_study(
-            study_name=spec.name,
-            storage=storage,
-            direction=spec.direction,
-            sampler=spec.sampler(),
-            pruner=spec.pruner(),
-        )
+        return _create(spec, storage)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
         return open_study(spec, storage_url)
-    # Names the objective in the dashboard ("validation accuracy" rather than "Objective 0").
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([spec.task.metric_label])
-    for key, value in {
-        record.SPEC: spec.raw,
-        record.SPEC_SOURCE: spec.source,
-        record.DESCRIPTION: spec.description,
-        record.TASK: spec.task.name,
-        record.METRIC: spec.task.metric,
-        record.HPSEARCH_VERSION: package_version(),
-        record.TORCH_VERSION: torch.__version__,
-    }.items():
-        study.set_user_attr(key, value)
-    from hpsearch.dashboard import write_spec_note  # optuna-dashboard's import is only paid here
 
-    write_spec_note(study, spec.description, spec.source)
-    if spec.enumerates:
-        for params in spec.grid():
-            study.enqueue_trial(params)
+
+def create_study(spec: StudySpec, storage_url: str | None, trials: list[FrozenTrial]) -> optuna.Study:
+    """A new study for ``spec`` that starts with ``trials`` (finished trials made for this space, with
+    its distributions), added before anything is queued: a grid then queues only the configurations
+    they leave untried. Where the storage holds a study of that name already, ``StorageError``; where
+    adding the trials fails, the new study is deleted again.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _open_shared_storage(storage_url, spec.study.heartbeat)
+    try:
+        return _create(spec, storage, trials)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise StorageError(
+            f"study {spec.name!r} exists already in {shown_url(url_of(storage))}; the new study is named "
+            f"after its file: copy {spec.path} to a new name, or delete the old study with "
+            f"`optuna delete-study --study-name {spec.name} --storage URL`"
+        ) from None
+
+
+def _create(spec: StudySpec, storage: BaseStorage, trials: list[FrozenTrial] | None = None) -> optuna.Study:
+    """Create the study of ``spec``, store what it was made from, add ``trials``, fill its queue."""
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        direction=spec.direction,
+        sampler=spec.sampler(),
+        pruner=spec.pruner(),
+    )
+    try:
+        # Names the objective in the dashboard ("validation accuracy" rather than "Objective 0").
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.task.metric_label])
+        for key, value in {
+            record.SPEC: spec.raw,
+            record.SPEC_SOURCE: spec.source,
+            record.DESCRIPTION: spec.description,
+            record.TASK: spec.task.name,
+            record.METRIC: spec.task.metric,
+            record.HPSEARCH_VERSION: package_version(),
+            record.TORCH_VERSION: torch.__version__,
+        }.items():
+            study.set_user_attr(key, value)
+        from hpsearch.dashboard import write_spec_note  # optuna-dashboard's import is only paid here
+
+        write_spec_note(study, spec.description, spec.source)
+        # Under the lock, as a worker that joins at once queues the same [[study.enqueue]] tables.
+        with study_lock(storage, spec.name):
+            for trial in trials or []:
+                study.add_trial(trial)
+            if spec.enumerates and trials:
+                queue(study, spec.grid())
+            elif spec.enumerates:
+                for params in spec.grid():
+                    study.enqueue_trial(params)
+            queue(study, spec.first_trials())
+    except BaseException:
+        if trials:  # a fork leaves a whole study or none
+            with contextlib.suppress(Exception):
+                optuna.delete_study(study_name=spec.name, storage=storage)
+        raise
     return study
+
+
+def queue(study: optuna.Study, configs: list[dict[str, Any]]) -> list[bool]:
+    """Queue each configuration (trial params) that no trial of ``study`` was queued with or ran with
+    (Optuna's ``skip_if_exists``); whether each was queued. Callers hold the study's lock."""
+    added = []
+    for params in configs:
+        before = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(params, skip_if_exists=True)
+        added.append(len(study.get_trials(deepcopy=False)) > before)
+    return added
+
+
+@dataclass
+class WarmStart:
+    """What ``warm_start`` queued from another study, and what it skipped and why."""
+
+    source: str
+    queued: list[int] = field(default_factory=list)  # trial numbers in the source study
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """One line of counts, then one per skipped trial."""
+        n = len(self.queued) + len(self.skipped)
+        if not n:
+            return [f"warm start from {self.source}: it has no complete trial; nothing queued"]
+        head = f"warm start from {self.source}: queued {len(self.queued)} of its {n} best trials to run first"
+        if not self.skipped:
+            return [head]
+        return [f"{head}, skipped {len(self.skipped)}:", *(f"  trial {k}: {why}" for k, why in self.skipped)]
+
+
+def warm_start(study: optuna.Study, spec: StudySpec, source: optuna.Study, top: int) -> WarmStart:
+    """Queue the ``top`` best complete trials of ``source``, another stored study, to run first in
+    ``study``, each with the values it ran with of ``spec``'s searched parameters (its params, else
+    its recorded configuration); the others are sampled. A trial whose values do not fit ``spec``'s
+    space (``StudySpec.fit``, mode ``warm``), or that ``study`` already holds, is skipped with why.
+    """
+    if spec.enumerates:
+        raise SpecError(f"study {spec.name!r} is a grid search: it runs every configuration of its grid")
+    task = study_task(source)
+    done = source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    maximize = source.direction == optuna.study.StudyDirection.MAXIMIZE
+    best = sorted(done, key=lambda t: float(t.value or 0.0), reverse=maximize)
+    result = WarmStart(source.study_name)
+    fitting: list[tuple[int, dict[str, Any]]] = []
+    for trial in best[:top]:
+        placed = spec.fit(trial.params, "warm", TrialRecord.of(trial, task).config)
+        if placed.misfits:
+            result.skipped.append((trial.number, "; ".join(map(str, placed.misfits))))
+        elif not placed.params:
+            result.skipped.append((trial.number, f"it sets none of {spec.name}'s searched parameters"))
+        else:
+            fitting.append((trial.number, placed.params))
+    with study_lock(study._storage, study.study_name):
+        added = queue(study, [params for _, params in fitting])
+    for (number, _), new in zip(fitting, added, strict=True):
+        if new:
+            result.queued.append(number)
+        else:
+            result.skipped.append((number, f"{spec.name} already holds a trial with these values"))
+    return result
 
 
 def _resolved(stored: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def derive(source: Path, choice: str, folder: Path, epochs: int = EPOCHS) -> dic
     study["sampler"] = sampler
     study["pruner"] = "none"
     study.pop("timeout", None)
+    study.pop("enqueue", None)  # a warm start's values may lie outside the copy's fixed ones
 
     data = doc["data"]
     batch = min(v for p in spec.space["data"].every_param() if p.key == "batch_size" for v in p.candidates())
