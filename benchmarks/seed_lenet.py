@@ -55,11 +55,17 @@ def torchvision_root(folder: Path, source: Path = DEBIAN_FASHION_MNIST) -> Path:
     return folder
 
 
-def fashion_mnist(root: Path, train: bool, size: int = NATIVE_SIZE) -> torchvision.datasets.FashionMNIST:
-    """The seeds' dataset: PIL images, resized to ``size`` when that is not the native size."""
+def fashion_mnist(
+    root: Path, train: bool, size: int = NATIVE_SIZE, normalize: tuple[float, float] | None = None
+) -> torchvision.datasets.FashionMNIST:
+    """The seeds' dataset: PIL images, resized to ``size`` when that is not the native size; with
+    ``normalize`` (mean, std), ``transforms.Normalize`` after ``ToTensor``, as d2l's later chapters
+    add it."""
     trans: list[nn.Module] = [transforms.ToTensor()]
     if size != NATIVE_SIZE:
         trans.insert(0, transforms.Resize(size))
+    if normalize:
+        trans.append(transforms.Normalize((normalize[0],), (normalize[1],)))
     return torchvision.datasets.FashionMNIST(str(root), train=train, transform=transforms.Compose(trans))
 
 
@@ -221,6 +227,13 @@ def main() -> None:
     add("--device", default="auto", help="auto (CUDA when present, as d2l's try_gpu), cpu, cuda")
     add("--seed", type=int, default=0)
     add("--root", type=Path, help="torchvision's data folder (default: made from the Debian files)")
+    add(
+        "--normalize",
+        type=float,
+        nargs=2,
+        metavar=("MEAN", "STD"),
+        help="add transforms.Normalize(MEAN, STD) (seed 004 trains on unnormalised images)",
+    )
     add("--json", type=Path, metavar="PATH", help="also write the per-epoch figures to PATH")
     add("-q", "--quiet", action="store_true", help="print the final test accuracy only")
     args = parser.parse_args()
@@ -229,7 +242,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or torchvision_root(Path(tmp))
-        train, test = fashion_mnist(root, True), fashion_mnist(root, False)
+        norm = (args.normalize[0], args.normalize[1]) if args.normalize else None
+        train, test = fashion_mnist(root, True, normalize=norm), fashion_mnist(root, False, normalize=norm)
         train_idx = first(args.train_images, len(train), args.seed)
         test_idx = first(args.eval_images, len(test), args.seed + 1)
         train_iter = loader(subset(train, train_idx), args.batch_size, True, args.workers)

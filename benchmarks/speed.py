@@ -7,12 +7,15 @@ freshly initialised network (``hpsearch.models.build_model``, Xavier-uniform, sa
 SGD at the same rate and batch size:
 
 * the seeds' loop, d2l's ``train_ch6`` (``benchmarks/seed_lenet.py``): torchvision's FashionMNIST
-  over PIL images, ``Resize`` + ``ToTensor``, a shuffling DataLoader with ``--workers`` processes
-  (d2l: 4), a copy of each batch to the device and a host sync per batch for the running metrics,
-  and at the end of each epoch an evaluation over test images through another DataLoader;
+  over PIL images, ``Resize`` + ``ToTensor`` + ``Normalize`` (with hpsearch's mean and standard
+  deviation of the images, so that both loops train on the same inputs; seed 004 itself does not
+  normalise), a shuffling DataLoader with ``--workers`` processes (d2l: 4), a copy of each batch to
+  the device and a host sync per batch for the running metrics, and at the end of each epoch an
+  evaluation over test images through another DataLoader;
 * hpsearch's loop, the real trial code: ``hpsearch.train.run_trial`` on a study file written here
-  (the model's settings as fixed values), in an in-memory Optuna study, with the CUDA settings that
-  ``hpsearch run`` uses. Its epoch times and accuracies are read from the trial's record
+  (the model's settings as fixed values), in an in-memory Optuna study, with the settings that
+  ``hpsearch run`` makes (``hpsearch.backends``; the allocator's for both loops, see
+  ``torch_defaults``). Its epoch times and accuracies are read from the trial's record
   (``TrialRecord``); the evaluations inside them are timed apart, so that both loops' images/s are
   over training time alone.
 
@@ -293,6 +296,7 @@ class Context:
     tmp: Path
     root: Path  # torchvision's FashionMNIST folder, made once from the Debian files
     peak: Peak
+    normalize: tuple[float, float]  # hpsearch's mean and std of the images, given to the seeds' loop too
 
 
 # Section: both loops in one process.
@@ -365,8 +369,8 @@ def seed_loop(
     workers unless ``workers`` says otherwise)."""
     torch.manual_seed(ctx.args.seed)  # as run_trial seeds before it builds the network
     net = build_model(setup.model, 1, 10, init="xavier_uniform", **setup.kwargs).to(ctx.device)
-    train = seed_lenet.fashion_mnist(ctx.root, True, setup.size)
-    test = seed_lenet.fashion_mnist(ctx.root, False, setup.size)
+    train = seed_lenet.fashion_mnist(ctx.root, True, setup.size, ctx.normalize)
+    test = seed_lenet.fashion_mnist(ctx.root, False, setup.size, ctx.normalize)
     workers = ctx.args.workers if workers is None else workers
     train_iter = seed_lenet.loader(seed_lenet.subset(train, train_idx), setup.batch_size, True, workers)
     test_iter = seed_lenet.loader(seed_lenet.subset(test, test_idx), setup.batch_size, False, workers)
@@ -613,6 +617,8 @@ def process_section(ctx: Context) -> dict[str, Any]:
         f"--device={ctx.device}",
         f"--seed={args.seed}",
         f"--root={ctx.root}",
+        "--normalize",
+        *(str(v) for v in ctx.normalize),
         f"--json={seed_json}",
         "--quiet",
     ]
@@ -904,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = resolve_device(args.device)
-    load_dataset(DATASET, None, str(device))  # hpsearch loads it once per process, before any trial
+    data = load_dataset(DATASET, None, str(device))  # hpsearch loads it once per process, before any trial
     hpsearch.backends.keep_freed_memory()  # for both loops: see torch_defaults
     record: dict[str, Any] = {"machine": machine(device), "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="hpsearch-speed-") as tmp:
@@ -912,7 +918,7 @@ def main(argv: list[str] | None = None) -> None:
         progress("measuring the peak")
         peak = measure_peak(device)
         record["peak"] = asdict(peak)
-        ctx = Context(args, device, Path(tmp), root, peak)
+        ctx = Context(args, device, Path(tmp), root, peak, (data.mean[0], data.std[0]))
         m = record["machine"]
         print(
             f"device: {m['device_name']} ({device}); {m['cores']} cores, {m['torch_threads']} torch threads"
