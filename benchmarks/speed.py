@@ -137,6 +137,7 @@ lr = {lr!r}
 [train]
 epochs = {epochs}
 seed = {seed}
+compile = {compile}
 """
 
 
@@ -160,9 +161,11 @@ class Work:
                 return fraction
         raise BenchmarkError(f"no val_fraction splits {total} images into {self.train} + {self.eval}")
 
-    def study(self, setup: Setup, epochs: int, seed: int) -> str:
-        """The study file of one trial of ``setup`` doing this work per epoch."""
+    def study(self, setup: Setup, epochs: int, seed: int, compile: bool = False) -> str:
+        """The study file of one trial of ``setup`` doing this work per epoch (through
+        ``torch.compile`` with ``compile``)."""
         return STUDY.format(
+            compile=str(compile).lower(),
             model=setup.model,
             dataset=DATASET,
             seed=seed,
@@ -681,6 +684,67 @@ def process_table(r: ProcessResult) -> str:
     )
 
 
+# torch.compile: what [train] compile = true costs and saves, per model.
+
+
+@dataclass
+class CompileResult:
+    model: str
+    epochs: int
+    train_images: int
+    eager_s: list[float]  # each epoch's training time, eager
+    compiled_s: list[float]  # the same compiled: the first epoch holds the compilation
+    overhead_s: float = 0.0  # compiled first epoch less a compiled steady epoch
+    steady_ratio: float = 0.0  # eager ÷ compiled, epochs after the first
+    break_even_epochs: float | None = None  # epochs before the compilation has paid for itself
+
+    def __post_init__(self) -> None:
+        eager = statistics.fmean(self.eager_s[1:])
+        compiled = statistics.fmean(self.compiled_s[1:])
+        self.overhead_s = self.compiled_s[0] - compiled
+        self.steady_ratio = eager / compiled
+        saved = eager - compiled
+        self.break_even_epochs = self.overhead_s / saved if saved > 0 else None
+
+
+def compile_section(ctx: Context) -> list[dict[str, Any]]:
+    args = ctx.args
+    results = []
+    for name in args.compile:
+        setup = SETUPS[name]
+        work = loop_work(args, setup)
+        progress(
+            f"{name} eager and compiled: {work.train} + {work.eval} images, {args.compile_epochs} epochs"
+        )
+        runs = []
+        for compiled in (False, True):
+            text = work.study(setup, args.compile_epochs, args.seed, compile=compiled)
+            spec = write_spec(ctx.tmp, f"speed-{name}-{'compiled' if compiled else 'eager'}", text)
+            runs.append(hpsearch_loop(ctx, spec).train_s)
+        results.append(CompileResult(name, args.compile_epochs, work.train, *runs))
+    lines = [
+        "| model | train images | eager s/epoch | compiled, first epoch s | compiled s/epoch after | × after "
+        "| compile cost s | pays after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        pays = "never" if r.break_even_epochs is None else f"{r.break_even_epochs:,.0f} epochs"
+        eager, compiled = statistics.fmean(r.eager_s[1:]), statistics.fmean(r.compiled_s[1:])
+        lines.append(
+            f"| {r.model} | {r.train_images} | {eager:.2f} | {r.compiled_s[0]:.1f} | {compiled:.2f} | "
+            f"{r.steady_ratio:.2f} | {r.overhead_s:.1f} | {pays} |"
+        )
+    print("\n".join(lines))
+    print()
+    print(
+        "- training time per epoch of one trial, eager and with [train] compile = true; s/epoch: mean over "
+        "the epochs after the first; compile cost: the compiled first epoch less a later one; pays after: "
+        "the epochs of training at this size before the compiled trial is ahead (a trial compiles anew)"
+    )
+    print(flush=True)
+    return [asdict(r) for r in results]
+
+
 # Packed trials: trials per hour of a LeNet study run with --pack K.
 
 
@@ -754,6 +818,7 @@ SECTIONS = (
         process_section,
     ),
     Section("packed", "Packed trials, LeNet", lambda a: bool(a.packs), pack_section),
+    Section("compile", "torch.compile", lambda a: bool(a.compile), compile_section),
 )
 
 
@@ -820,6 +885,10 @@ def _packs(text: str) -> list[int]:
     return packs
 
 
+def _compiled_models(text: str) -> list[str]:
+    return _models(text) if text.strip() else []
+
+
 def _models(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in SETUPS]
@@ -878,12 +947,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--process-train-images", type=int, default=FULL_SIZES[0], help=f"(default {FULL_SIZES[0]})")
     add("--process-eval-images", type=int, default=FULL_SIZES[1], help=f"(default {FULL_SIZES[1]})")
     add(
+        "--compile",
+        type=_compiled_models,
+        default=[],
+        metavar="MODELS",
+        help="also time these models' trials eager and with [train] compile = true, comma-separated "
+        "(default: none; compiling takes minutes on a CPU)",
+    )
+    add("--compile-epochs", type=int, default=3, help="epochs of each compile run (default 3; at least 2)")
+    add(
         "--json",
         type=Path,
         metavar="PATH",
         help="also write every figure, the machine and the versions to PATH",
     )
     args = parser.parse_args(argv)
+    if args.compile and args.compile_epochs < 2:
+        parser.error("--compile-epochs must be at least 2: the first epoch holds the compilation")
     if args.process and args.no_process:
         parser.error("--process and --no-process exclude each other")
     default_epochs = QUICK_EPOCHS if args.quick else FULL_EPOCHS
