@@ -96,6 +96,8 @@ def main() -> None:
     hpsearch fork --study quickstart --to NEW.toml  a new study from an edited file, with the trials that fit
     hpsearch report --study quickstart -o DIR  figures comparing the optimizers
     hpsearch lr-find --study quickstart        a learning rate from a range test, as a plot
+    hpsearch verify --study quickstart         retrain the best with fresh seeds: real or luck?
+    hpsearch predict DIR photo.png             classify images with a model verify --save kept
     hpsearch dashboard                         browse studies in optuna-dashboard
     """
     # Optuna flags features such as the heartbeat and grouped TPE as experimental on every use;
@@ -938,6 +940,202 @@ def _sweep_bar(steps: int) -> Callable[[int, float, float], None]:
         click.echo(f"\rstep {step}/{steps}  lr {lr:.3g}  smoothed loss {loss:.4g}\x1b[K", err=True, nl=False)
 
     return show
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, metavar="NAME", help="Stored study name.")
+@storage_option
+@click.option(
+    "--top", type=int, default=3, show_default=True, metavar="K", help="Retrain the K best complete trials."
+)
+@click.option(
+    "--seeds",
+    type=int,
+    default=3,
+    show_default=True,
+    metavar="S",
+    help="Retrain each configuration this many times, each with its own fresh seed.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True),
+    envvar="HPSEARCH_DATA_DIR",
+    default=None,
+    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
+    "the cache, /usr/share/datasets, then a download).",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="-",
+    show_default=True,
+    metavar="FILE",
+    help="File to write the table to (atomically); - is stdout.",
+)
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "md", "json"]),
+    default=None,
+    help="Table format (default: from the output's extension, else csv); json adds every seed's value.",
+)
+@click.option(
+    "--save",
+    metavar="DIR",
+    default=None,
+    help="Keep the best retrained network here (the best seed of the configuration with the best "
+    "retrained mean) with its configuration, for `hpsearch predict DIR IMAGE...`.",
+)
+@user_errors
+def verify(
+    study_name: str,
+    storage: str | None,
+    top: int,
+    seeds: int,
+    device: str,
+    data_dir: str | None,
+    output: str,
+    fmt: str | None,
+    save: str | None,
+) -> None:
+    """Retrain a study's best configurations with fresh seeds: is the winner real, or luck?
+
+    A search picks the configuration whose one run scored best on the validation split, and a
+    lucky seed can put a configuration first. verify takes the K best complete trials and
+    retrains each from scratch S times, with seeds the search never used (the same seeds for
+    every configuration, reproducible from the study seed), on all the training data the study used
+    (its training and validation split together; train_limit still applies), for the trial's
+    epochs, and tests each on the study's test set (test_limit too) as its trials were tested.
+
+    The table (one row per configuration, in the search's order) gives the trial, the search's
+    validation and test metric, the retrained test metric's mean and sample std (n - 1) over
+    seeds, the training and test example counts and the parameters; json adds each seed and its
+    value. It goes to stdout or -o FILE, and is attached to the study as an artifact
+    (verify.csv, .md or .json) for the dashboard. A line per retraining goes to stderr, then
+    the verdict: the winner is within noise of the runner-up when their retrained means differ
+    by less than the larger of their two stds. Examples:
+
+    \b
+        hpsearch verify --study quickstart --top 3 --seeds 5
+        hpsearch verify --study quickstart --top 2 --seeds 3 -o verify.md
+        hpsearch verify --study quickstart --top 1 --seeds 1 --save models/quickstart
+        hpsearch predict models/quickstart shirt.png
+    """
+    import tempfile
+    from pathlib import Path
+
+    from hpsearch import verify as verifying
+    from hpsearch.export import render, write_table
+    from hpsearch.report import ReportError, attach
+    from hpsearch.storage import StorageError, atomic_write, load_stored_study
+
+    study = load_stored_study(study_name, storage)
+    planned = verifying.plan(study, top, seeds)
+    if output != "-" and not Path(output).parent.is_dir():
+        raise click.ClickException(f"cannot write {output}: folder {Path(output).parent} does not exist")
+    dev = resolve_device(device)
+    suffixes = {".md": "md", ".markdown": "md", ".json": "json"}
+    fmt = fmt or suffixes.get(Path(output).suffix.lower(), "csv")
+    n, metric, s = len(planned.configs), planned.task.metric, len(planned.seeds)
+    which = (
+        f"the {n} best of {planned.complete} complete trials"
+        if n < planned.complete
+        else (f"all {n} complete trials" if n > 1 else "its one complete trial")
+    )
+    click.echo(
+        f"study {planned.study}: retraining {which} {'once' if s == 1 else f'{s} times'} "
+        f"(seed{'s' if s > 1 else ''} {', '.join(map(str, planned.seeds))}) on training + validation data",
+        err=True,
+    )
+    total, count = n * len(planned.seeds), [0]
+
+    def on_run(c: verifying.Verified, k: int, done: Any) -> None:
+        count[0] += 1
+        clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # the progress line this one replaces
+        stopped = f"  (stopped early: {done.stopped})" if done.stopped else ""
+        click.echo(
+            f"{clear}[{count[0]}/{total}] trial {c.trial} seed {planned.seeds[k]}: test {metric} "
+            f"{done.test:.4f}, {done.seconds:.1f}s on {done.examples} training examples{stopped}",
+            err=True,
+        )
+
+    verifying.run(planned, dev, data_dir, Path(save) if save else None, on_run, _epoch_bar)
+    table = planned.table(per_seed=fmt == "json")
+    write_table(table, output, fmt)
+    if output != "-":
+        click.echo(f"wrote {len(table)} rows to {output}", err=True)
+    click.echo(planned.verdict(), err=True)
+    if planned.saved is not None and planned.saved_from is not None:
+        trial, seed = planned.saved_from
+        click.echo(
+            f"saved trial {trial}, seed {seed} to {planned.saved.parent}; classify images with "
+            f"`hpsearch predict {planned.saved.parent} IMAGE...`",
+            err=True,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / f"verify.{fmt}"
+        atomic_write(artifact, render(table, fmt))
+        try:
+            attach(planned.study, storage, [artifact])
+        except (StorageError, ReportError) as exc:
+            click.echo(f"not attached to the study: {exc}", err=True)
+        else:
+            click.echo(f"attached to study {planned.study} as {artifact.name}", err=True)
+
+
+@main.command()
+@click.argument("model_dir", metavar="DIR")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Show each image's N most likely classes, best first.",
+)
+@click.option(
+    "--invert",
+    is_flag=True,
+    help="Swap light and dark first: for a dark object on a light background, when the model "
+    "learnt light on dark (FashionMNIST, MNIST).",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto (CUDA when present)."
+)
+@user_errors
+def predict(model_dir: str, images: tuple[str, ...], top: int, invert: bool, device: str) -> None:
+    """Classify image files with a network saved by `hpsearch verify --save DIR`.
+
+    Each image (PNG, JPEG, anything PIL reads) is converted to the network's channels (grey-scale
+    for FashionMNIST and MNIST), squeezed to the square side of the dataset's own images (28×28),
+    then resized and normalised exactly as in training, with the constants saved in DIR/model.json.
+    Prints one row per image: the file, the class (its name and index) and its probability;
+    --top N prints N rows per image, most likely first.
+
+    FashionMNIST and MNIST images are light objects on a black background. A photo of a dark
+    object on a light background (a shoe on a white floor, a digit written on paper) reads as
+    something else unless you pass --invert, which swaps light and dark first. Crop the photo to
+    the object, square if you can: it is squeezed to a square. Examples:
+
+    \b
+        hpsearch verify --study quickstart --top 1 --seeds 1 --save models/quickstart
+        hpsearch predict models/quickstart shirt.png boot.jpg --top 3
+        hpsearch predict models/quickstart photo-on-white.jpg --invert
+    """
+    from pathlib import Path
+
+    from hpsearch.predict import predict as classify
+    from hpsearch.predict import render
+
+    saved, found = classify(
+        Path(model_dir), [Path(p) for p in images], resolve_device(device), top=top, invert=invert
+    )
+    click.echo(render(saved, found, top), nl=False)
 
 
 if __name__ == "__main__":

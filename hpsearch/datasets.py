@@ -75,8 +75,14 @@ class Dataset:
         resize: int | None = None,
         flip: bool = False,
         generator: torch.Generator | None = None,
+        crop_padding: int = 0,
     ) -> torch.Tensor:
-        """Turn a batch of stored examples into model inputs, on the batch's device."""
+        """Turn a batch of stored examples into model inputs, on the batch's device.
+
+        Training augments images after resizing them, drawing from ``generator``: ``crop_padding``
+        crops each from its copy padded with that many zeros (black) a side, at a random place —
+        a shift by up to ± that many pixels each way — and ``flip`` mirrors about half of them.
+        """
         if x.dtype != torch.uint8:
             return x
         out = x.float().div_(255.0)
@@ -88,11 +94,33 @@ class Dataset:
             out = F.interpolate(
                 out, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink
             )
+        if crop_padding:
+            out = _random_crop(out, crop_padding, generator)
         if flip:
             mask = torch.rand(out.shape[0], device=out.device, generator=generator) < 0.5
             out = torch.where(mask[:, None, None, None], out.flip(-1), out)
         mean, std = _stats(self.mean, self.std, str(out.device))
         return out.sub_(mean).div_(std)
+
+
+def _random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Each image of ``x`` cut at its own random place from its copy padded with ``pad`` zeros a
+    side (torchvision's ``RandomCrop(size, padding=pad)``), all in one gather on the device."""
+    n, c, h, w = x.shape
+    corner = torch.randint(0, 2 * pad + 1, (2, n, 1, 1), device=x.device, generator=generator)
+    rows, cols = _positions(h, w, str(x.device))
+    width = w + 2 * pad
+    # Each output pixel's place in its flattened padded image; one gather over the flat pixels
+    # ran 3× faster on the CPU than indexing rows and columns.
+    at = (corner[0] + rows) * width + corner[1] + cols  # (n, h, w)
+    padded = F.pad(x, (pad, pad, pad, pad)).flatten(2)
+    return padded.gather(2, at.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(h: int, w: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column numbers of an image, shaped (h, 1) and (w,), made once per size and device."""
+    return torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,6 +159,7 @@ class DataConfig:
     val_fraction: float = field(default=0.1, metadata=FIXED_PER_STUDY)
     resize: int = 0  # 0: the native size
     flip: bool = False  # random horizontal flips of training images
+    crop_padding: int = 0  # 0: off; else training images shift by up to ± this many pixels, zeros filled in
     train_limit: int = field(default=0, metadata=FIXED_PER_STUDY)  # 0: all; else a seeded subset
     test_limit: int = field(default=0, metadata=FIXED_PER_STUDY)
 
@@ -139,6 +168,7 @@ class DataConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
         _at_least("resize", self.resize, 0)
+        _at_least("crop_padding", self.crop_padding, 0)
         _at_least("train_limit", self.train_limit, 0)
         _at_least("test_limit", self.test_limit, 0)
 

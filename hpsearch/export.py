@@ -15,8 +15,8 @@ import pandas as pd
 import tomlkit
 
 from hpsearch.errors import HpsearchError
-from hpsearch.record import SPEC, SPEC_SOURCE, TrialRecord, study_task
-from hpsearch.schema import SECTIONS, space_names, walk
+from hpsearch.record import BEST_EPOCH, SPEC, SPEC_SOURCE, TrialRecord, study_task
+from hpsearch.schema import SECTIONS, StudyConfig, space_names, walk
 from hpsearch.spec import resolve
 from hpsearch.storage import atomic_write, load_stored_study, stored_study_names
 from hpsearch.task import TASKS, Task
@@ -43,10 +43,16 @@ def load_studies(storage_url: str | None, names: Sequence[str] | None = None) ->
     return [load_stored_study(n, storage_url) for n in found]
 
 
-def _keys(study: optuna.Study) -> tuple[str, str]:
+def _keys(study: optuna.Study) -> list[str]:
     """Column names of the validation and test metric."""
-    task = study_task(study)
-    return task.val_key, task.test_key
+    return _metric_columns(study_task(study))
+
+
+def _metric_columns(task: Task) -> list[str]:
+    """The trial's value (``val_acc``: what the study ranks by, per ``[study] objective``), its last
+    and its best epoch's validation metric, that epoch, and the test metric."""
+    val = task.val_key
+    return [val, f"{val}_last", f"{val}_best", BEST_EPOCH, task.test_key]
 
 
 def _config(trial: optuna.trial.FrozenTrial) -> dict[str, dict[str, Any]]:
@@ -77,7 +83,7 @@ def param_columns(study: optuna.Study) -> list[str]:
     return [n for n in names if n in seen] + sorted(seen - set(names))
 
 
-def _columns(keys: tuple[str, str]) -> list[str]:
+def _columns(keys: list[str]) -> list[str]:
     """Seed 004's table columns, in its order, then what a search adds."""
     return [
         "optimizer",
@@ -96,8 +102,8 @@ def _columns(keys: tuple[str, str]) -> list[str]:
 
 
 def _row(trial: optuna.trial.FrozenTrial, task: Task) -> dict[str, Any]:
-    keys = (task.val_key, task.test_key)
     cfg, rec = _config(trial), TrialRecord.of(trial, task)
+    best_epoch, best = rec.best(task) or (None, None)
     opt = cfg.get("optimizer", {})
     values = [
         opt.get("name"),
@@ -108,13 +114,16 @@ def _row(trial: optuna.trial.FrozenTrial, task: Task) -> dict[str, Any]:
         cfg.get("scheduler", {}).get("name"),
         rec.epochs_run,
         trial.value,
+        rec.val[-1] if rec.val else None,
+        best,
+        best_epoch,
         rec.test,
         rec.train_loss[-1] if rec.train_loss else None,
         rec.run_time_s or None,
         rec.examples_per_s,
         trial.number,
     ]
-    return dict(zip(_columns(keys), values, strict=True))
+    return dict(zip(_columns(_metric_columns(task)), values, strict=True))
 
 
 _NUMERIC = (
@@ -123,7 +132,7 @@ _NUMERIC = (
     "weight_decay",
     "batch_size",
     "epochs_run",
-    *(key for task in TASKS.values() for key in (task.val_key, task.test_key)),
+    *(key for task in TASKS.values() for key in _metric_columns(task)),
     "train_loss",
     "run_time_s",
     "examples_per_s",
@@ -301,6 +310,7 @@ def best_toml(study: optuna.Study) -> str:
     head["description"] = f"best trial {best.number} of {study.study_name}"
     head["n_trials"] = 1
     head["seed"] = spec.get("study", {}).get("seed", 0)
+    head["objective"] = spec.get("study", {}).get("objective", StudyConfig.objective)
     head["pruner"] = "none"
     doc["study"] = head
     for section in SECTIONS[1:]:  # [study] is written above

@@ -40,6 +40,8 @@ EPOCHS_RUN = "epochs_run"  # epochs trained to the end and evaluated
 RUN_TIME = "run_time_s"  # the whole trial, building and testing included
 EXAMPLES_PER_S = "examples_per_s"  # training examples per second of training
 FINAL_TRAIN_LOSS = "final_train_loss"
+BEST_VAL = "best_val"  # the best epoch's validation metric (the task's direction decides best)
+BEST_EPOCH = "best_epoch"  # that epoch, from 1; the first of equal ones
 STOP_REASON = "stop_reason"  # why a pruned trial stopped (pruned, or diverged)
 STOP_EPOCH = "stop_epoch"  # the epoch it stopped in
 FAIL_REASON = "fail_reason"  # the exception that failed a trial, as one line
@@ -54,6 +56,10 @@ CHAIN = "chain"
 RETRIES = "retries"
 RESUMED_EPOCH = "resumed_epoch"
 PACK = "pack"  # the trials trained with it as one batched model (``run --pack``), itself included
+
+# ``[study] objective``: which epoch's validation metric a finished trial reports as its value
+# (``TrialRecord.final_value``); each epoch's own is reported as it ends either way.
+OBJECTIVES = ("last", "best")
 
 
 def worker_id() -> str:
@@ -119,6 +125,19 @@ class TrialRecord:
         """Why the trial ended early, if it did."""
         return self.stop_reason or self.fail_reason
 
+    def best(self, task: Task) -> tuple[int, float] | None:
+        """The best epoch (from 1) and its validation metric; None before any epoch was evaluated."""
+        i = task.best(self.val)
+        return None if i is None else (i + 1, self.val[i])
+
+    def final_value(self, objective: str, task: Task) -> float:
+        """What a trial that trained every epoch reports as its value: its last epoch's validation
+        metric, or with ``objective = "best"`` its best epoch's."""
+        best = self.best(task)
+        if objective == "best" and best is not None:
+            return best[1]
+        return self.val[-1]
+
     def add_epoch(self, loss: float, penalty: float, value: float, seconds: float, speed: float) -> None:
         """One epoch's mean data loss and penalty, validation metric, wall time and examples per second."""
         n = len(self.val)
@@ -154,6 +173,7 @@ class TrialRecord:
 
     def save(self, trial: optuna.Trial, task: Task) -> None:
         """Write the record as the trial's user attributes (absent values are not written)."""
+        best = self.best(task)
         attrs: dict[str, Any] = {
             CONFIG: self.config,
             SEED: self.seed,
@@ -163,6 +183,8 @@ class TrialRecord:
             TRAIN_LOSS: self.train_loss,
             L1_PENALTY: self.l1_penalty,
             task.val_key: self.val,
+            BEST_VAL: best[1] if best else None,
+            BEST_EPOCH: best[0] if best else None,
             EPOCH_TIME: self.epoch_time_s,
             EPOCHS_RUN: self.epochs_run,
             RUN_TIME: self.run_time_s,

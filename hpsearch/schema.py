@@ -33,6 +33,7 @@ from hpsearch.datasets import DATASETS, DataConfig
 from hpsearch.errors import HpsearchError
 from hpsearch.models import INITS, MODELS, build_model
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
+from hpsearch.record import OBJECTIVES
 from hpsearch.registry import Registry, keywords, sequence_length, value_kind
 from hpsearch.search import PRUNERS, SAMPLERS
 from hpsearch.storage import Heartbeat
@@ -56,6 +57,8 @@ class TrainConfig:
     seed: int | None = None  # None: derived from the study seed and the trial number
     max_minutes: float | None = None  # a trial still training after this long stops, as pruned
     compile: bool = False  # torch.compile the network; the compile time is part of the trial's first epoch
+    label_smoothing: float = 0.0  # classification: this share of each target spread over all classes
+    clip_grad_norm: float = 0.0  # 0: off; else the most a step's gradient norm may be (each trial's own)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -70,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"seed must be 0 or more, not {self.seed}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, not {self.max_minutes}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if not self.clip_grad_norm >= 0:
+            raise ValueError(f"clip_grad_norm must be 0 (off) or more, not {self.clip_grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class StudyConfig:
     n_trials: int | None = None
     timeout: float | None = None  # seconds
     seed: int = 0
+    objective: str = "last"  # a trial's value: its last or its best epoch's validation metric
     sampler: Any = "tpe"
     pruner: Any = "median"
     heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a table {interval, grace} in seconds
@@ -103,6 +111,9 @@ class StudyConfig:
             raise ValueError(f"timeout must be positive (seconds), not {self.timeout}")
         if self.seed < 0:
             raise ValueError(f"seed must be 0 or more, not {self.seed}")
+        if self.objective not in OBJECTIVES:
+            valid = ", ".join(map(repr, OBJECTIVES))
+            raise ValueError(f"objective must be one of {valid}, not {self.objective!r}")
 
 
 def is_search(value: Any) -> bool:
@@ -145,6 +156,12 @@ def _try_data(name: str | None, values: dict[str, Any]) -> object:
     config = DataConfig(name=str(name), **values)
     facts = DATASETS.facts(str(name))
     config.check_sizes(facts.train_size, facts.test_size)
+    if config.crop_padding:
+        side = config.resize or facts.image_size
+        if side is None:
+            raise ValueError(f"crop_padding shifts images; {name} has none")
+        if config.crop_padding >= side:
+            raise ValueError(f"crop_padding must be less than the {side}-pixel image side")
     return config
 
 
@@ -746,6 +763,13 @@ class _Validator:
     def check_fit(self, raw: dict[str, Any], space: dict[str, SectionSpace]) -> None:
         data = raw["data"]["name"]
         facts = DATASETS.facts(data)
+        for p in space["train"].common:  # the task's loss says whether it can be smoothed
+            for v in p.candidates() if p.key == "label_smoothing" else ():
+                try:
+                    if v:
+                        facts.task.loss(label_smoothing=v)
+                except ValueError as exc:
+                    raise self.fail(p.name, f"{exc} ({data})") from None
         resize = space["data"].common
         sizes = next((p.candidates() for p in resize if p.key == "resize"), [0])
         for m in space["model"].choices():

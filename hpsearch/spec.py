@@ -113,6 +113,7 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     study = out.setdefault("study", {})
     study.setdefault("seed", 0)
     study.setdefault("direction", facts.task.direction)
+    study.setdefault("objective", StudyConfig.objective)
     study["sampler"] = named(study.get("sampler", "tpe"))
     study["pruner"] = named(study.get("pruner", "median"))
     return out

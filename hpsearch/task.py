@@ -8,6 +8,7 @@ which a run has diverged. Nothing else in the package branches on the task.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,8 +43,25 @@ class Task:
     def _short(self) -> str:
         return "acc" if self.metric == "accuracy" else self.metric
 
-    def loss(self) -> nn.Module:
-        return nn.CrossEntropyLoss() if self is CLASSIFICATION else nn.MSELoss()
+    def loss(self, label_smoothing: float = 0.0) -> nn.Module:
+        """The loss a trial minimises. ``label_smoothing`` (classification only; ValueError for any
+        other task) moves that share of each target's weight evenly onto all the classes."""
+        if self is CLASSIFICATION:
+            return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if label_smoothing:
+            raise ValueError(
+                f"label smoothing applies to classes; a {self.name} task's loss is the mean squared error"
+            )
+        return nn.MSELoss()
+
+    def best(self, values: Sequence[float]) -> int | None:
+        """The index of the best of ``values`` in the metric's direction, the first of equal ones;
+        None when none is a number."""
+        numbers = [i for i, v in enumerate(values) if not math.isnan(v)]
+        if not numbers:
+            return None
+        sign = 1 if self.direction == "maximize" else -1
+        return max(numbers, key=lambda i: (sign * values[i], -i))
 
     def score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The metric summed over a batch (divide by the example count for the mean), on the device."""

@@ -9,7 +9,8 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -216,9 +217,10 @@ class _Member:
         self.state: dict[str, Any] | None = None
         self.built = False  # ``setup`` has run
         # The epoch in training (``train_epoch``): the member's order, its summed loss and penalty and
-        # its worst batch loss, on the device; then the means.
+        # its worst batch loss, on the device; then the means. And the loss it minimises.
         self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
         self.loss = self.penalty = math.nan
+        self.loss_fn: nn.Module
 
     def setup(self, data_dir: str | None) -> None:
         """Sample the configuration and build everything its training needs."""
@@ -228,30 +230,46 @@ class _Member:
         # The chain's first trial number, so that a continuation draws what its first trial drew.
         seed = cfg.train.seed if cfg.train.seed is not None else trial_seed(spec.seed, self.chain)
         self.rec.seed = seed
-        torch.manual_seed(seed)
-        self.data = data = load_dataset(cfg.data.name, data_dir, str(device))
+        data = load_dataset(cfg.data.name, data_dir, str(device))
         cfg.data.check_sizes(len(data.train_y), len(data.test_y))
-        self.train_idx, self.val_idx = split(
+        train_idx, self.val_idx = split(
             len(data.train_y), cfg.data.val_fraction, spec.seed, cfg.data.train_limit, str(device)
         )
         self.test_idx = subset(len(data.test_y), spec.seed, cfg.data.test_limit, str(device))
-        self.slices = batch_slices(len(self.train_idx), cfg.data.batch_size)
-        self.model = model = _build(cfg.model.name, cfg.model.kwargs, data, device)
-        self.net: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
-        self.rec.n_params = sum(p.numel() for p in model.parameters())
-        self.params = [p for p in model.parameters() if p.requires_grad]  # what L1 penalises
-        self.optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
-        run = Schedule(
-            cfg.train.epochs, len(self.slices), "max" if spec.task.direction == "maximize" else "min"
+        self.build(
+            cfg, spec.task, data, train_idx, seed, "max" if spec.task.direction == "maximize" else "min"
         )
-        self.stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=self.optimizer, run=run)
-        self.max_loss = cfg.train.max_loss or spec.task.max_loss(data.num_outputs)
-        self.g = torch.Generator(device=device).manual_seed(seed)
-        self.deadline = self.start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self.rec.n_params = sum(p.numel() for p in self.model.parameters())
         if self.checkpoints and record.CONTINUES in trial.user_attrs:
             state = self.checkpoints.load(self.chain)
             self.state = state if state is not None and state["params"] == trial.params else None
         self.built = True
+
+    def build(
+        self,
+        cfg: TrialConfig,
+        task: Task,
+        data: Dataset,
+        train_idx: torch.Tensor,
+        seed: int,
+        mode: Literal["max", "min"],
+    ) -> None:
+        """Everything ``train_epoch`` needs to train ``cfg`` on the examples ``train_idx`` of ``data``:
+        network, optimizer, schedule (``mode``: "max" or "min", how a schedule that steps on a metric
+        reads it) and random streams, all seeded by ``seed``."""
+        device = self.device
+        torch.manual_seed(seed)
+        self.cfg, self.data, self.train_idx = cfg, data, train_idx
+        self.slices = batch_slices(len(train_idx), cfg.data.batch_size)
+        self.model = model = _build(cfg.model.name, cfg.model.kwargs, data, device)
+        self.net: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # what L1 penalises
+        self.optimizer = build_optimizer(**cfg.optimizer.as_dict(), params=model.parameters())
+        run = Schedule(cfg.train.epochs, len(self.slices), mode)
+        self.stepper = build_scheduler(**cfg.scheduler.as_dict(), optimizer=self.optimizer, run=run)
+        self.max_loss = cfg.train.max_loss or task.max_loss(data.num_outputs)
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.deadline = self.start + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
 
     def pack_key(self) -> Any:
         """Members with equal keys train in step, as one batched model."""
@@ -325,7 +343,7 @@ class _Member:
         rec, epoch = self.rec, self.epoch
         outcome: Outcome
         if exc is None:
-            outcome = self.value
+            outcome = rec.final_value(self.spec.study.objective, self.spec.task)
         elif isinstance(exc, Diverged):
             rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
             outcome = optuna.TrialPruned(rec.stop_reason)
@@ -401,10 +419,11 @@ def train_epoch(
     diverges or runs out of time stops training here, ``member.stopped`` saying why.
     """
     live = [m for m in members if m.stopped is None]
-    loss_fn = task.loss()
     slices = members[0].slices
     for m in live:
         m.model.train()
+        smoothing = m.cfg.train.label_smoothing
+        m.loss_fn = task.loss(label_smoothing=smoothing) if smoothing else task.loss()
         m.order = m.train_idx[torch.randperm(len(m.train_idx), generator=m.g, device=device)]
         m.total = torch.zeros((), device=device)
         m.penalty_total = torch.zeros((), device=device)
@@ -416,10 +435,10 @@ def train_epoch(
         xs, ys = [], []
         for m in live:
             batch = m.order[s]
-            x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g)
+            x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g, data_cfg.crop_padding)
             xs.append(x if isinstance(together, _Stacked) else _layout(x))
             ys.append(data.train_y[batch])
-        losses = together.step(loss_fn, xs, ys, device)
+        losses = together.step(xs, ys, device)
         size = len(ys[0])
         seen += size
         for m, (loss, penalty) in zip(live, losses, strict=True):
@@ -463,9 +482,11 @@ def _step(
     params: list[nn.Parameter],
     l1: float,
     device: torch.device,
+    clip_grad_norm: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on a batch: the batch's data loss and, with ``l1``, its L1 penalty term
-    (neither synced)."""
+    (neither synced). With ``clip_grad_norm``, the gradient of ``params`` (penalty included) is
+    scaled down to that norm where it is longer, before the optimizer sees it."""
     first: list[torch.Tensor | None] = []
 
     def closure() -> torch.Tensor:
@@ -477,6 +498,8 @@ def _step(
             first[:] = [loss.detach(), None if penalty is None else penalty.detach()]
         objective = loss if penalty is None else loss + penalty
         objective.backward()
+        if clip_grad_norm:  # in the closure: LBFGS steps on the gradients of each of its calls
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
         return objective
 
     # Every torch optimizer accepts a closure; LBFGS needs one to re-evaluate the loss.
@@ -484,6 +507,14 @@ def _step(
     loss, penalty = first
     assert loss is not None
     return loss, penalty
+
+
+def _member_step(
+    m: _Member, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_step`` of one member: its network, optimizer and loss, its L1 penalty and clipping."""
+    train = m.cfg.train
+    return _step(m.net, m.optimizer, m.loss_fn, x, y, m.params, train.l1, device, train.clip_grad_norm)
 
 
 def _l1(params: list[nn.Parameter], l1: float) -> torch.Tensor | None:
@@ -508,10 +539,9 @@ class _Alone:
         self.m = member
 
     def step(
-        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+        self, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        m = self.m
-        return [_step(m.net, m.optimizer, loss_fn, xs[0], ys[0], m.params, m.cfg.train.l1, device)]
+        return [_member_step(self.m, xs[0], ys[0], device)]
 
     def close(self) -> None:
         pass
@@ -530,11 +560,10 @@ class _SideBySide:
         torch.set_num_threads(max(1, cores // lanes))
 
     def step(
-        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+        self, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         def one(k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-            m = self.members[k]
-            return _step(m.net, m.optimizer, loss_fn, xs[k], ys[k], m.params, m.cfg.train.l1, device)
+            return _member_step(self.members[k], xs[k], ys[k], device)
 
         return list(self.pool.map(one, range(len(self.members))))
 
@@ -557,19 +586,41 @@ class _Stacked:
         self.own = [dict(m.model.named_parameters()) for m in members]
         self.own_buffers = [dict(m.model.named_buffers()) for m in members]
 
+        def output(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
+            return functional_call(self.base, (params, buffers), (x,))
+
+        shared = members[0].loss_fn
+
         def loss_of(
             params: dict[str, torch.Tensor],
             buffers: dict[str, torch.Tensor],
             x: torch.Tensor,
             y: torch.Tensor,
-            loss_fn: nn.Module,
         ) -> torch.Tensor:
-            return loss_fn(functional_call(self.base, (params, buffers), (x,)), y).float()
+            return shared(output(params, buffers, x), y).float()
 
-        self.losses = vmap(loss_of, in_dims=(0, 0, 0, 0, None), randomness="different")
+        # Members that minimise one loss (the same label smoothing) have it applied inside the one
+        # batched call; otherwise the batched network's outputs go to each member's own loss.
+        one_loss = len({m.cfg.train.label_smoothing for m in members}) == 1
+        self.losses = vmap(loss_of, randomness="different") if one_loss else None
+        self.outputs = vmap(output, randomness="different")
+
+    def _losses(
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Each member's loss on its own batch, the network applied to all of them at once."""
+        x, y = torch.stack(xs), torch.stack(ys)
+        if self.losses is not None:
+            return self.losses(params, buffers, x, y)
+        out = self.outputs(params, buffers, x)
+        return torch.stack([m.loss_fn(out[k], y[k]).float() for k, m in enumerate(self.members)])
 
     def step(
-        self, loss_fn: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
+        self, xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         members = self.members
         own, own_buffers = self.own, self.own_buffers
@@ -579,7 +630,7 @@ class _Stacked:
             m.optimizer.zero_grad(set_to_none=True)
         self.base.train()
         with _autocast(device):
-            losses = self.losses(params, buffers, torch.stack(xs), torch.stack(ys), loss_fn)
+            losses = self._losses(xs, ys, params, buffers)
         penalties = [_l1(m.params, m.cfg.train.l1) for m in members]
         objective = losses.sum() + sum(p for p in penalties if p is not None)
         objective.backward()
@@ -588,6 +639,8 @@ class _Stacked:
                 for k, b in enumerate(own_buffers):
                     b[n].copy_(buffers[n][k])
         for m in members:
+            if m.cfg.train.clip_grad_norm:  # each member's own gradient, on its own parameters
+                nn.utils.clip_grad_norm_(m.params, m.cfg.train.clip_grad_norm)
             m.optimizer.step()
         detached = losses.detach()
         return [(detached[k], None if p is None else p.detach()) for k, p in enumerate(penalties)]
@@ -617,3 +670,85 @@ def evaluate(
             out = model(_layout(data.inputs(xs[batch], cfg.data.resize))).float()
         score += task.score(out, ys[batch])
     return float(score) / len(idx)
+
+
+# Retraining one configuration outside a study (``hpsearch verify``): the trial's own building and
+# epoch loop, on the training examples it is given, with no validation split and no record.
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """A configuration ``retrain`` trained: its test metric, its network, and how the training went."""
+
+    test: float  # the task's metric on the test examples
+    model: nn.Module
+    examples: int  # training examples per epoch
+    train_loss: list[float]  # mean data loss of each epoch trained to the end
+    seconds: float
+    stopped: str | None = None  # why training stopped early (diverged, out of time); None if it did not
+
+
+def retrain(
+    cfg: TrialConfig,
+    task: Task,
+    data: Dataset,
+    train_idx: torch.Tensor,
+    test_idx: torch.Tensor,
+    seed: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> Retrained:
+    """Train ``cfg`` from fresh weights on the training examples ``train_idx`` of ``data`` for its
+    epochs, and test it on the test examples ``test_idx``.
+
+    The network, optimizer and schedule are built as a trial builds them, every random stream seeded
+    by ``seed``, and trained by the trial's epoch loop (``train_epoch``). There is no validation
+    split: a schedule that steps on the validation metric steps on the epoch's training loss, and
+    nothing is reported, pruned, checkpointed or recorded. A run that diverges or passes
+    ``train.max_minutes`` stops there and is tested as it is, ``stopped`` saying why.
+    """
+    backends.prepare(device)
+    start = time.perf_counter()
+    run = _Retraining(cfg, task, data, train_idx, seed, device)
+    epochs, losses = cfg.train.epochs, list[float]()
+    for epoch in range(1, epochs + 1):
+
+        def on_check(done: float, e: int = epoch) -> None:
+            if progress:
+                progress(e, epochs, done, None)
+
+        train_epoch([run], data, task, cfg.data, device, on_check)
+        if run.stopped is None and epoch < epochs:
+            run.stopped = run.out_of_time(epoch)
+        if run.stopped is not None:
+            break
+        run.epoch = epoch
+        losses.append(run.loss)
+        run.stepper.after_epoch(run.loss)
+        if progress:
+            progress(epoch, epochs, 1.0, None)
+    test = evaluate(run.net, data, task, data.test_x, data.test_y, test_idx, cfg, device)
+    stopped = None if run.stopped is None else str(run.stopped)
+    return Retrained(test, run.model, len(train_idx), losses, time.perf_counter() - start, stopped)
+
+
+class _Retraining(_Member):
+    """What ``train_epoch`` keeps of a member, built as ``_Member.setup`` builds a trial's, but from a
+    given configuration, seed and training indices: no trial, no split, no record."""
+
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        task: Task,
+        data: Dataset,
+        train_idx: torch.Tensor,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.start = time.perf_counter()
+        self.device = device
+        self.epoch, self.stopped = 0, None
+        self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
+        self.loss = self.penalty = math.nan
+        # "min": with no validation metric, a schedule that steps on one steps on the training loss.
+        self.build(cfg, task, data, train_idx, seed, "min")

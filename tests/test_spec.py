@@ -376,6 +376,7 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "val_fraction": 0.1,
             "resize": 0,
             "flip": True,
+            "crop_padding": 0,
             "train_limit": 0,
             "test_limit": 0,
         }
@@ -387,6 +388,8 @@ def test_conditional_parameters(tmp_path: Path) -> None:
             "seed": None,
             "max_minutes": None,
             "compile": False,
+            "label_smoothing": 0.0,
+            "clip_grad_norm": 0.0,
         }
         assert cfg["model"]["init"] == "default" and cfg["model"]["name"] == "bn_cnn"
     assert seen == {("sgd", "none"), ("sgd", "step"), ("adam", "none"), ("adam", "step")}
