@@ -130,12 +130,12 @@ def run_pack(
             if on_end:
                 on_end(m.trial, outcome)
 
-    waiting: list[_Member] = []
+    # Every asked trial is a member before a signal can land: one held while they were asked is
+    # raised on entering ``live`` and must end them all, not leave them running.
+    waiting = [_Member(trial, spec, device, checkpoints) for trial in trials]
     try:
         with signals.live():  # a signal stops training at once
-            for trial in trials:
-                m = _Member(trial, spec, device, checkpoints)
-                waiting.append(m)
+            for m in list(waiting):
                 try:
                     m.setup(data_dir)
                 except Exception as exc:

@@ -115,3 +115,35 @@ def test_a_signal_while_a_trial_is_written_down_lets_it_finish(tmp_path: Path, m
     assert rec.fail_reason is None and len(rec.val) == 2 and rec.test is not None
     assert record.EPOCHS_RUN in trial.user_attrs and record.RUN_TIME in trial.user_attrs
     assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+
+
+@pytest.mark.usefixtures("as_the_cli")
+@pytest.mark.parametrize("pack", [1, 3])
+def test_a_signal_while_trials_are_asked_ends_every_one_of_them(
+    tmp_path: Path, monkeypatch: Any, pack: int
+) -> None:
+    """SIGTERM arrives as the study hands out a trial, before any has started to train: the signal
+    is raised as training would begin, and every trial asked is failed as interrupted with its
+    continuation queued, none left running."""
+    spec = load_spec(str(write_study(tmp_path, "asked", STUDY)))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    ask = optuna.Study.ask
+
+    def ask_while_signalled(self: optuna.Study, *args: Any, **kwargs: Any) -> optuna.Trial:
+        trial = ask(self, *args, **kwargs)
+        if trial.number == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_while_signalled)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, study, device="cpu", checkpoints=Checkpoints(tmp_path / "checkpoints"), pack=pack)
+    monkeypatch.undo()
+    trials = study.trials
+    asked = [t for t in trials if record.CONTINUES not in t.user_attrs]
+    assert [t.number for t in asked] == list(range(pack))
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert all(t.state == TrialState.FAIL for t in asked)
+    assert all(t.user_attrs["fail_reason"] == "interrupted while starting" for t in asked)
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs[record.CONTINUES] for t in queued) == list(range(pack))
