@@ -112,7 +112,10 @@ STUDY_FILES: dict[str, tuple[Callable[[str], str], str]] = {
     "searched_val_fraction": (add("data", "val_fraction = { low = 0.1, high = 0.2 }"), "cannot be searched"),
     "searched_train_limit": (edit("train_limit = 301", "train_limit = { choices = [100, 300] }"), "cannot"),
     "step_does_not_divide": (edit(LR, "lr = { low = 0.1, high = 1.0, step = 0.4 }"), "does not divide"),
-    "unknown_train_key": (add("train", "epoch = 3"), "train.epoch: unknown key; valid: clip_grad_norm, compile, epochs"),
+    "unknown_train_key": (
+        add("train", "epoch = 3"),
+        "train.epoch: unknown key; valid: clip_grad_norm, compile, epochs",
+    ),
     "unknown_section": (add("training", "epochs = 3"), "unknown section"),
     "unknown_model": (edit('"mnist_cnn"', '"mnist_cnnn"'), "unknown model 'mnist_cnnn'"),
     "regression_model": (edit('"mnist_cnn"', '"mlp"'), "mlp is a regression model"),
