@@ -73,6 +73,20 @@ storage_option = click.option(
     help=f"Optuna storage URL (default: ${ENV_STORAGE}, else sqlite:///hpsearch.db here). "
     "PostgreSQL: postgresql+psycopg://user:pass@host/db.",
 )
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (CUDA when present), cpu, cuda or cuda:N.",
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True),
+    envvar="HPSEARCH_DATA_DIR",
+    default=None,
+    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
+    "the cache, /usr/share/datasets, then a download).",
+)
 study_option = click.option(
     "--study",
     "study_name",
@@ -120,20 +134,8 @@ def main() -> None:
     default=None,
     help="Stop starting new trials after this many seconds.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when present), cpu, cuda or cuda:N.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, exists=True),
-    envvar="HPSEARCH_DATA_DIR",
-    default=None,
-    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
-    "the cache, /usr/share/datasets, then a download).",
-)
+@device_option
+@data_dir_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -404,20 +406,8 @@ def _best_summary(study: optuna.Study) -> None:
 
 @main.command()
 @study_option
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where to measure, as `run` would train: auto (CUDA when present), cpu, cuda or cuda:N.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, exists=True),
-    envvar="HPSEARCH_DATA_DIR",
-    default=None,
-    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
-    "the cache, /usr/share/datasets, then a download).",
-)
+@device_option
+@data_dir_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -834,17 +824,8 @@ def fork(study_name: str, target: str, drop: tuple[int, ...], storage: str | Non
     "suggestion (default: STEM-lr.toml here); the study file itself is never changed.",
 )
 @click.option("--force", is_flag=True, help="Let --apply replace an existing file.")
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, exists=True),
-    envvar="HPSEARCH_DATA_DIR",
-    default=None,
-    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
-    "the cache, /usr/share/datasets, then a download).",
-)
+@device_option
+@data_dir_option
 @user_errors
 def lr_find(
     study_name: str,
@@ -956,17 +937,8 @@ def _sweep_bar(steps: int) -> Callable[[int, float, float], None]:
     metavar="S",
     help="Retrain each configuration this many times, each with its own fresh seed.",
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, exists=True),
-    envvar="HPSEARCH_DATA_DIR",
-    default=None,
-    help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
-    "the cache, /usr/share/datasets, then a download).",
-)
+@device_option
+@data_dir_option
 @click.option(
     "-o",
     "--output",
