@@ -18,7 +18,7 @@ from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from hpsearch import record
 from hpsearch.errors import HpsearchError
 from hpsearch.record import TrialRecord, study_task
-from hpsearch.schema import same_value
+from hpsearch.schema import StudyConfig, same_value
 from hpsearch.spec import StudySpec
 from hpsearch.storage import load_stored_study, resolve_url, shown_url, stored_study_names
 from hpsearch.study import create_study
@@ -72,7 +72,8 @@ def fork_study(
     its state, value, per-epoch reports, record (user attributes) and times, with the new space's
     distributions. Refused with ``HpsearchError``: an unknown source, a target that exists, a
     ``drop`` the source lacks, a study seed other than the source's (it chose the validation split
-    the values were measured on), and a fork that would copy no trial (it says why each was left out).
+    the values were measured on) or another objective (it chose which epoch's value a trial has),
+    and a fork that would copy no trial (it says why each was left out).
     """
     source = load_stored_study(source_name, storage_url)
     if spec.name in stored_study_names(storage_url):
@@ -93,6 +94,13 @@ def fork_study(
         raise ForkError(
             f"{spec.path}: study.seed = {spec.seed}, but {source.study_name!r} was run with seed {seed}, "
             f"which chose the validation split its values were measured on; set seed = {seed}"
+        )
+    ran_for = source.user_attrs.get(record.SPEC, {}).get("study", {}).get("objective", StudyConfig.objective)
+    if ran_for != spec.study.objective:
+        raise ForkError(
+            f'{spec.path}: study.objective = "{spec.study.objective}", but {source.study_name!r} was run '
+            f"with objective = \"{ran_for}\": its trials' values are their {ran_for} epoch's; "
+            f'set objective = "{ran_for}"'
         )
     result = Fork(source.study_name, spec.name)
     task = study_task(source)

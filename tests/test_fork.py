@@ -218,6 +218,13 @@ def test_a_fork_that_changes_what_the_trials_ran_with_copies_none_and_makes_noth
         ),
         (
             "source",
+            SOURCE_STUDY.replace("seed = 0", 'seed = 0\nobjective = "best"'),
+            (),
+            '{path}: study.objective = "best", but \'source\' was run with objective = "last": its '
+            "trials' values are their last epoch's; set objective = \"last\"",
+        ),
+        (
+            "source",
             SOURCE_STUDY,
             (),
             "study 'source' exists already in {storage}; the new study is named after its file: copy "
@@ -225,7 +232,7 @@ def test_a_fork_that_changes_what_the_trials_ran_with_copies_none_and_makes_noth
             "`optuna delete-study --study-name source --storage URL`",
         ),
     ],
-    ids=["unknown-source", "bad-file", "unknown-drop", "other-seed", "target-exists"],
+    ids=["unknown-source", "bad-file", "unknown-drop", "other-seed", "other-objective", "target-exists"],
 )
 def test_a_fork_that_cannot_be_made_is_refused_with_one_line(
     source: StoredStudy, source_name: str, text: str, drop: tuple[int, ...], message: str, tmp_path: Path
