@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -87,6 +88,34 @@ data_dir_option = click.option(
     help="Folder holding the dataset files (default: $HPSEARCH_DATA_DIR, "
     "the cache, /usr/share/datasets, then a download).",
 )
+TABLE_FORMATS = {".md": "md", ".markdown": "md", ".json": "json"}  # by the output's extension; else csv
+
+
+def table_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o/--output FILE`` and ``-f/--format``, for a command that writes a table (``table_format``)."""
+    fn = click.option(
+        "-f",
+        "--format",
+        "fmt",
+        type=click.Choice(["csv", "md", "json"]),
+        default=None,
+        help="Table format (default: from the output's extension, else csv).",
+    )(fn)
+    return click.option(
+        "-o",
+        "--output",
+        default="-",
+        show_default=True,
+        metavar="FILE",
+        help="File to write the table to (atomically); - is stdout.",
+    )(fn)
+
+
+def table_format(fmt: str | None, output: str) -> str:
+    """The format ``-f`` names, else the one ``-o``'s extension implies, else csv."""
+    return fmt or TABLE_FORMATS.get(Path(output).suffix.lower(), "csv")
+
+
 study_option = click.option(
     "--study",
     "study_name",
@@ -603,7 +632,6 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
     \b
         hpsearch report --study quickstart -o reports/quickstart
     """
-    from pathlib import Path
 
     from hpsearch.report import ReportError, attach, make_report
     from hpsearch.storage import StorageError, load_stored_study
@@ -630,22 +658,7 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
 )
 @click.option("--all-studies", is_flag=True, help="Every study in the storage.")
 @storage_option
-@click.option(
-    "-o",
-    "--output",
-    default="-",
-    show_default=True,
-    metavar="FILE",
-    help="File to write (atomically); - is stdout.",
-)
-@click.option(
-    "-f",
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "md", "json"]),
-    default=None,
-    help="Table format (default: from the output's extension, else csv).",
-)
+@table_options
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the K best trials.")
 @click.option(
     "--best-per",
@@ -683,8 +696,6 @@ def export(
         hpsearch export --study quickstart --trials -o trials.json
         hpsearch export --all-studies -o studies.md
     """
-    from pathlib import Path
-
     from hpsearch.export import best_per as best_per_table
     from hpsearch.export import best_table, load_studies, studies_table, trials_table, write_table
 
@@ -704,8 +715,7 @@ def export(
         table = best_per_table(found[0], best_per).head(top)
     else:
         table = best_table(found[0], top)
-    suffixes = {".md": "md", ".markdown": "md", ".json": "json"}
-    write_table(table, output, fmt or suffixes.get(Path(output).suffix.lower(), "csv"))
+    write_table(table, output, table_format(fmt, output))
     if output != "-":
         click.echo(f"wrote {len(table)} rows to {output}", err=True)
 
@@ -726,7 +736,6 @@ def best(study_name: str, storage: str | None) -> None:
         hpsearch best --study quickstart > quickstart-best.toml
         hpsearch run --study quickstart-best.toml
     """
-    from pathlib import Path
 
     from hpsearch.export import best_toml, source_differs
     from hpsearch.storage import load_stored_study
@@ -855,7 +864,6 @@ def lr_find(
         hpsearch lr-find --study optimizers-regression --apply   # writes optimizers-regression-lr.toml
         hpsearch run --study optimizers-regression-lr.toml
     """
-    from pathlib import Path
 
     from hpsearch import lrfind
 
@@ -939,22 +947,7 @@ def _sweep_bar(steps: int) -> Callable[[int, float, float], None]:
 )
 @device_option
 @data_dir_option
-@click.option(
-    "-o",
-    "--output",
-    default="-",
-    show_default=True,
-    metavar="FILE",
-    help="File to write the table to (atomically); - is stdout.",
-)
-@click.option(
-    "-f",
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "md", "json"]),
-    default=None,
-    help="Table format (default: from the output's extension, else csv); json adds every seed's value.",
-)
+@table_options
 @click.option(
     "--save",
     metavar="DIR",
@@ -998,7 +991,6 @@ def verify(
         hpsearch predict models/quickstart shirt.png
     """
     import tempfile
-    from pathlib import Path
 
     from hpsearch import verify as verifying
     from hpsearch.export import render, write_table
@@ -1010,8 +1002,7 @@ def verify(
     if output != "-" and not Path(output).parent.is_dir():
         raise click.ClickException(f"cannot write {output}: folder {Path(output).parent} does not exist")
     dev = resolve_device(device)
-    suffixes = {".md": "md", ".markdown": "md", ".json": "json"}
-    fmt = fmt or suffixes.get(Path(output).suffix.lower(), "csv")
+    fmt = table_format(fmt, output)
     n, metric, s = len(planned.configs), planned.task.metric, len(planned.seeds)
     which = (
         f"the {n} best of {planned.complete} complete trials"
@@ -1099,7 +1090,6 @@ def predict(model_dir: str, images: tuple[str, ...], top: int, invert: bool, dev
         hpsearch predict models/quickstart shirt.png boot.jpg --top 3
         hpsearch predict models/quickstart photo-on-white.jpg --invert
     """
-    from pathlib import Path
 
     from hpsearch.predict import predict as classify
     from hpsearch.predict import render

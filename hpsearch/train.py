@@ -422,8 +422,7 @@ def train_epoch(
     slices = members[0].slices
     for m in live:
         m.model.train()
-        smoothing = m.cfg.train.label_smoothing
-        m.loss_fn = task.loss(label_smoothing=smoothing) if smoothing else task.loss()
+        m.loss_fn = task.loss(label_smoothing=m.cfg.train.label_smoothing)
         m.order = m.train_idx[torch.randperm(len(m.train_idx), generator=m.g, device=device)]
         m.total = torch.zeros((), device=device)
         m.penalty_total = torch.zeros((), device=device)
