@@ -19,6 +19,7 @@ import click
 import optuna
 import torch
 
+from hpsearch import objectives
 from hpsearch.datasets import DATASETS, load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.models import MODELS
@@ -401,7 +402,7 @@ def _epoch_bar(number: int) -> Progress | None:
 def _trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     rec = TrialRecord.of(trial, study_task(study))
     state = trial.state.name.lower()
-    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    value = " ".join(f"{v:.4g}" if abs(v) >= 1e4 else f"{v:.4f}" for v in trial.values or []) or "-"
     epochs, why = rec.epochs_run, rec.reason or ""
     secs = f"{rec.run_time_s:.2f}" if rec.run_time_s < 10 else f"{rec.run_time_s:.0f}"
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
@@ -419,12 +420,18 @@ def _fmt(v: Any) -> str:
 
 
 def _best_summary(study: optuna.Study) -> None:
-    try:
-        best = study.best_trial
-    except ValueError:
+    done = objectives.ranked(study)
+    if not done:
         click.echo("no finished trial yet", err=True)
         return
-    click.echo(f"best trial {best.number}: value {best.value:.4f}")
+    best = done[0]
+    if len(study.directions) > 1:
+        n = len(objectives.front(study))
+        click.echo(
+            f"{n} trial{'s' * (n != 1)} on the Pareto front (`hpsearch export` lists them); "
+            "the best in the metric:"
+        )
+    click.echo(f"best trial {best.number}: value {objectives.first_value(best):.4f}")
     for key, value in best.params.items():
         click.echo(f"  {key} = {_fmt(value)}")
     task = study_task(study)

@@ -15,6 +15,7 @@ import pandas as pd
 import tomlkit
 
 from hpsearch.errors import HpsearchError
+from hpsearch.objectives import COSTS, Objectives, first_value, front, of_stored, ranked
 from hpsearch.record import BEST_EPOCH, SPEC, SPEC_SOURCE, TrialRecord, study_task
 from hpsearch.schema import SECTIONS, StudyConfig, space_names, walk
 from hpsearch.spec import resolve
@@ -44,8 +45,12 @@ def load_studies(storage_url: str | None, names: Sequence[str] | None = None) ->
 
 
 def _keys(study: optuna.Study) -> list[str]:
-    """Column names of the validation and test metric."""
-    return _metric_columns(study_task(study))
+    """Column names of the validation and test metric, then of the study's costs."""
+    return _objective_columns(of_stored(study))
+
+
+def _objective_columns(goals: Objectives) -> list[str]:
+    return [*_metric_columns(goals.task), *(c.column for c in goals.costs)]
 
 
 def _metric_columns(task: Task) -> list[str]:
@@ -101,7 +106,8 @@ def _columns(keys: list[str]) -> list[str]:
     ]
 
 
-def _row(trial: optuna.trial.FrozenTrial, task: Task) -> dict[str, Any]:
+def _row(trial: optuna.trial.FrozenTrial, goals: Objectives) -> dict[str, Any]:
+    task = goals.task
     cfg, rec = _config(trial), TrialRecord.of(trial, task)
     best_epoch, best = rec.best(task) or (None, None)
     opt = cfg.get("optimizer", {})
@@ -113,17 +119,18 @@ def _row(trial: optuna.trial.FrozenTrial, task: Task) -> dict[str, Any]:
         cfg.get("data", {}).get("batch_size"),
         cfg.get("scheduler", {}).get("name"),
         rec.epochs_run,
-        trial.value,
+        first_value(trial),
         rec.val[-1] if rec.val else None,
         best,
         best_epoch,
         rec.test,
+        *(cost.of(rec) for cost in goals.costs),
         rec.train_loss[-1] if rec.train_loss else None,
         rec.run_time_s or None,
         rec.examples_per_s,
         trial.number,
     ]
-    return dict(zip(_columns(_metric_columns(task)), values, strict=True))
+    return dict(zip(_columns(_objective_columns(goals)), values, strict=True))
 
 
 _NUMERIC = (
@@ -133,6 +140,7 @@ _NUMERIC = (
     "batch_size",
     "epochs_run",
     *(key for task in TASKS.values() for key in _metric_columns(task)),
+    *(cost.column for cost in COSTS.values()),
     "train_loss",
     "run_time_s",
     "examples_per_s",
@@ -160,16 +168,13 @@ def _frame(rows: list[dict[str, Any]], first: list[str]) -> pd.DataFrame:
 
 
 def _ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Completed trials, best first; ties go to the earlier trial."""
-    if len(study.directions) > 1:
-        raise ExportError(f"study {study.study_name!r} is multi-objective; hpsearch studies have one value")
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == _COMPLETE and t.value is not None]
+    """Completed trials, best first (``objectives.ranked``: a multi-objective study's front first)."""
+    done = ranked(study)
     if not done:
+        trials = study.get_trials(deepcopy=False)
         states = ", ".join(f"{n} {s}" for s, n in Counter(t.state.name.lower() for t in trials).items())
         raise ExportError(f"study {study.study_name!r} has no completed trial yet ({states or 'no trials'})")
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(done, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    return done
 
 
 def _params(trial: optuna.trial.FrozenTrial, columns: list[str]) -> dict[str, Any]:
@@ -177,9 +182,13 @@ def _params(trial: optuna.trial.FrozenTrial, columns: list[str]) -> dict[str, An
 
 
 def best_table(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
-    """Completed trials best first: seed 004's columns, then every sampled parameter."""
-    task, cols = study_task(study), param_columns(study)
-    df = _frame([{**_row(t, task), **_params(t, cols)} for t in _ranked(study)], _columns(_keys(study)))
+    """Completed trials best first: seed 004's columns, then every sampled parameter. For a
+    multi-objective study, its Pareto front (``objectives.front``), a column per objective."""
+    goals, cols = of_stored(study), param_columns(study)
+    trials = front(study) if goals.multi else _ranked(study)
+    if not trials:
+        _ranked(study)  # says why there is none
+    df = _frame([{**_row(t, goals), **_params(t, cols)} for t in trials], _columns(_keys(study)))
     return df.head(top) if top else df
 
 
@@ -192,7 +201,7 @@ def _lookup(trial: optuna.trial.FrozenTrial, param: str) -> Any:
 
 def best_per(study: optuna.Study, param: str) -> pd.DataFrame:
     """The best completed trial for each value of ``param`` (a parameter or ``section.key``), best first."""
-    ranked, task, cols = _ranked(study), study_task(study), param_columns(study)
+    ranked, goals, cols = _ranked(study), of_stored(study), param_columns(study)
     valid = {p for t in ranked for p in t.params}
     valid |= {f"{s}.{k}" for t in ranked for s, table in _config(t).items() for k in table}
     if param not in valid:
@@ -202,20 +211,20 @@ def best_per(study: optuna.Study, param: str) -> pd.DataFrame:
         value = _lookup(t, param)
         group = json.dumps(value, sort_keys=True, default=str)
         if value is not _MISSING and group not in rows:
-            rows[group] = {param: value, **_row(t, task), **_params(t, cols)}
+            rows[group] = {param: value, **_row(t, goals), **_params(t, cols)}
     return _frame(list(rows.values()), [param, *_columns(_keys(study))])
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial by number, pruned and failed ones too, with why it stopped."""
-    task, cols, rows = study_task(study), param_columns(study), []
+    goals, cols, rows = of_stored(study), param_columns(study), []
     for t in study.get_trials(deepcopy=False):
-        rec = TrialRecord.of(t, task)
+        rec = TrialRecord.of(t, goals.task)
         # The epoch it stopped in: after that epoch's validation (pruned), or inside it (diverged).
         pruned_at = rec.stop_epoch if t.state == _PRUNED else None
-        head = {"trial": t.number, "state": t.state.name.lower(), "value": t.value}
+        head = {"trial": t.number, "state": t.state.name.lower(), "value": first_value(t)}
         rows.append(
-            {**head, "pruned_at_epoch": pruned_at, "reason": rec.reason, **_row(t, task), **_params(t, cols)}
+            {**head, "pruned_at_epoch": pruned_at, "reason": rec.reason, **_row(t, goals), **_params(t, cols)}
         )
     return _frame(rows, ["trial", "state", "value", "pruned_at_epoch", "reason", *_columns(_keys(study))])
 
@@ -231,7 +240,7 @@ def studies_table(studies: Sequence[optuna.Study]) -> pd.DataFrame:
         trials, spec = study.get_trials(deepcopy=False), study.user_attrs.get(SPEC, {})
         try:
             best = _ranked(study)[0]
-            cfg, row = _config(best), _row(best, study_task(study))
+            cfg, row = _config(best), _row(best, of_stored(study))
         except ExportError:
             cfg, row = {}, {}
         rows.append(
@@ -300,7 +309,7 @@ def best_toml(study: optuna.Study) -> str:
     doc.add(
         tomlkit.comment(
             f"best trial {best.number} of study {study.study_name}: validation "
-            f"{task.metric} {best.value!r}{test}"
+            f"{task.metric} {first_value(best)!r}{test}"
         )
     )
     doc.add(

@@ -39,12 +39,15 @@ EPOCH_TIME = "epoch_time_s"
 EPOCHS_RUN = "epochs_run"  # epochs trained to the end and evaluated
 RUN_TIME = "run_time_s"  # the whole trial, building and testing included
 EXAMPLES_PER_S = "examples_per_s"  # training examples per second of training
+LATENCY = "latency_ms"  # milliseconds to classify one test example on the trial's device
 FINAL_TRAIN_LOSS = "final_train_loss"
 BEST_VAL = "best_val"  # the best epoch's validation metric (the task's direction decides best)
 BEST_EPOCH = "best_epoch"  # that epoch, from 1; the first of equal ones
 STOP_REASON = "stop_reason"  # why a pruned trial stopped (pruned, or diverged)
 STOP_EPOCH = "stop_epoch"  # the epoch it stopped in
 FAIL_REASON = "fail_reason"  # the exception that failed a trial, as one line
+# The training batch size of a trial that ran out of device memory: later trials sample below it.
+OOM_BATCH_SIZE = "oom_batch_size"
 # Optuna's system attribute of a queued trial's fixed parameters: a grid's configurations.
 QUEUED = "fixed_params"
 THREADS = "threads"  # CPU threads the trial's process trained with
@@ -108,9 +111,11 @@ class TrialRecord:
     examples_per_s: float | None = None  # training examples per second of training
     run_time_s: float = 0.0
     test: float | None = None
+    latency_ms: float | None = None
     stop_reason: str | None = None
     stop_epoch: int | None = None
     fail_reason: str | None = None
+    oom_batch_size: int | None = None
     threads: int | None = None
     continues: int | None = None  # written when the continuation is queued, read back only
     resumed_epoch: int | None = None
@@ -191,9 +196,11 @@ class TrialRecord:
             EXAMPLES_PER_S: self.examples_per_s,
             FINAL_TRAIN_LOSS: self.train_loss[-1] if self.train_loss else None,
             task.test_key: self.test,
+            LATENCY: self.latency_ms,
             STOP_REASON: self.stop_reason,
             STOP_EPOCH: self.stop_epoch,
             FAIL_REASON: self.fail_reason,
+            OOM_BATCH_SIZE: self.oom_batch_size,
             THREADS: self.threads,
             RESUMED_EPOCH: self.resumed_epoch,
             PACK: self.pack,
@@ -221,9 +228,11 @@ class TrialRecord:
             examples_per_s=a.get(EXAMPLES_PER_S),
             run_time_s=float(a.get(RUN_TIME) or 0.0),
             test=a.get(task.test_key),
+            latency_ms=a.get(LATENCY),
             stop_reason=a.get(STOP_REASON),
             stop_epoch=a.get(STOP_EPOCH),
             fail_reason=a.get(FAIL_REASON),
+            oom_batch_size=a.get(OOM_BATCH_SIZE),
             threads=a.get(THREADS),
             continues=a.get(CONTINUES),
             resumed_epoch=a.get(RESUMED_EPOCH),

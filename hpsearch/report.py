@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.errors import HpsearchError
+from hpsearch.objectives import Objectives, first_value, front, of_stored, ranked
 from hpsearch.record import DESCRIPTION, SPEC, TrialRecord, study_task
 from hpsearch.storage import atomic_write, load_stored_study, open_artifacts, open_storage
 from hpsearch.task import CLASSIFICATION, Task
@@ -58,7 +59,7 @@ def make_report(study: optuna.Study, out_dir: Path) -> list[Path]:
     runs = [r for t in study.get_trials(deepcopy=False) if (r := _run(t, task)) is not None]
     if not runs:
         raise ReportError(f"study {study.study_name!r} has no trial that finished an epoch yet")
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
     best: dict[str, _Run] = {}
     for r in runs:
         old = best.get(r.optimizer)
@@ -77,6 +78,9 @@ def make_report(study: optuna.Study, out_dir: Path) -> list[Path]:
         "history.png": ("Optimization history", _history(study, runs, sign, ylabel)),
         "importances.png": ("Parameter importances", _importances(study)),
     }
+    goals = of_stored(study)
+    if goals.multi:
+        figures["front.png"] = ("Pareto front", _front(study, goals, metric))
     written, sections = [], []
     for filename, (title, fig) in figures.items():
         if isinstance(fig, str):
@@ -191,6 +195,34 @@ def _history(study: optuna.Study, runs: list[_Run], sign: float, ylabel: str) ->
     return fig
 
 
+def _front(study: optuna.Study, goals: Objectives, metric: str) -> Figure | str:
+    """The metric against each cost: every complete trial, the Pareto front joined by a line."""
+    done = ranked(study)
+    if not done:
+        return "the front needs complete trials; this study has none"
+    on_front = {t.number for t in front(study)}
+    fig = _figure(5.5 * len(goals.costs) + 0.5, 5.0)
+    axes = fig.subplots(1, len(goals.costs), squeeze=False)[0]
+    for k, (ax, cost) in enumerate(zip(axes, goals.costs, strict=True), start=1):
+        rest = [t for t in done if t.number not in on_front]
+        best = sorted((t for t in done if t.number in on_front), key=lambda t: t.values[k])
+        ax.scatter([t.values[k] for t in rest], [t.values[0] for t in rest], color="grey", label="dominated")
+        ax.plot(
+            [t.values[k] for t in best], [t.values[0] for t in best], "o-", color="C3", label="Pareto front"
+        )
+        for t in best:
+            ax.annotate(f" {t.number}", (t.values[k], t.values[0]), fontsize="small")
+        ax.set(
+            title=f"validation {metric} against {cost.label}",
+            xlabel=cost.label,
+            ylabel=f"validation {metric}",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Pareto front of {len(done)} complete trials (numbers: trials on the front)")
+    return fig
+
+
 def _importances(study: optuna.Study) -> Figure | str:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
@@ -203,7 +235,11 @@ def _importances(study: optuna.Study) -> Figure | str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), normalize=False
+                study,
+                evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+                normalize=False,
+                # Of the metric, in a multi-objective study too.
+                target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
             )
     except (ValueError, RuntimeError) as exc:
         return f"parameter importances could not be computed ({exc})"
@@ -243,8 +279,10 @@ def _markdown(
     if count[TrialState.RUNNING]:
         line += f", {count[TrialState.RUNNING]} running"
     if count[TrialState.COMPLETE]:
-        top = study.best_trial
-        line += f"; best validation {metric} {top.value:.4f} (trial {top.number})."
+        top = ranked(study)[0]
+        line += f"; best validation {metric} {first_value(top):.4f} (trial {top.number})."
+        if len(study.directions) > 1:
+            line += f" {len(front(study))} trials on the Pareto front."
     else:
         line += "; no complete trial yet."
     rows = [

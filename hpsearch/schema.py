@@ -32,10 +32,11 @@ from optuna.distributions import (
 from hpsearch.datasets import DATASETS, DataConfig
 from hpsearch.errors import HpsearchError
 from hpsearch.models import INITS, MODELS, build_model
+from hpsearch.objectives import Objectives
 from hpsearch.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from hpsearch.record import OBJECTIVES
 from hpsearch.registry import Registry, keywords, sequence_length, value_kind
-from hpsearch.search import PRUNERS, SAMPLERS
+from hpsearch.search import DEFAULT_PRUNER, DEFAULT_SAMPLER, PRUNERS, SAMPLERS
 from hpsearch.storage import Heartbeat
 
 SECTIONS = ("study", "data", "model", "optimizer", "scheduler", "train")
@@ -89,10 +90,14 @@ class StudyConfig:
     timeout: float | None = None  # seconds
     seed: int = 0
     objective: str = "last"  # a trial's value: its last or its best epoch's validation metric
-    sampler: Any = "tpe"
-    pruner: Any = "median"
+    # The task's metric, then costs minimised jointly with it (``hpsearch.objectives``); one by default.
+    objectives: list[str] = field(default_factory=list)
+    sampler: Any = DEFAULT_SAMPLER
+    pruner: Any = DEFAULT_PRUNER  # none for a multi-objective study (``Objectives.default_pruner``)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)  # a table {interval, grace} in seconds
     retries: int = 3  # continuations of a trial whose worker crashed, before it is given up
+    # A run whose ended trials failed in a larger share than this stops (``study.TooManyFailures``).
+    max_fail_fraction: float = 0.5
     checkpoints: str | None = None  # folder; None: checkpoints/STUDY in the storage's artifact folder
     # [[study.enqueue]]: configurations (parameter name → value) tried before any sampled trial
     enqueue: list[dict[str, Any]] = field(default_factory=list)
@@ -105,6 +110,8 @@ class StudyConfig:
             object.__setattr__(self, "heartbeat", Heartbeat(**self.heartbeat))
         if self.retries < 0:
             raise ValueError(f"retries must be 0 or more, not {self.retries}")
+        if not 0 < self.max_fail_fraction <= 1:
+            raise ValueError(f"max_fail_fraction must be in (0, 1], not {self.max_fail_fraction}")
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError(f"n_trials must be at least 1, not {self.n_trials}")
         if self.timeout is not None and not self.timeout > 0:
@@ -534,7 +541,7 @@ class _Validator:
         for s in space.values():
             self.check_builds(s)
         self.check_fit(raw, space)
-        if SAMPLERS.facts(named(raw.get("study", {}).get("sampler", "tpe"))["name"]).enumerates:
+        if SAMPLERS.facts(named(raw.get("study", {}).get("sampler", DEFAULT_SAMPLER))["name"]).enumerates:
             if raw.get("study", {}).get("enqueue"):
                 why = "a grid study runs every configuration of its grid; remove [[study.enqueue]]"
                 raise self.fail("study.enqueue", why)
@@ -570,6 +577,11 @@ class _Validator:
                     raise self.fail("study.heartbeat", f"must be a table like {example}, not {value!r}")
             elif key == "enqueue" and not isinstance(value, list):
                 raise self.fail("study.enqueue", "write each configuration as a [[study.enqueue]] table")
+            elif key == "objectives":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise self.fail(
+                        "study.objectives", f'must be a list like ["accuracy", "epoch_time"], not {value!r}'
+                    )
             else:
                 self.check_value(f"study.{key}", value, _kind(keys[key]))
         for key, value in study.items():  # one key at a time, so the error names the key
@@ -581,8 +593,28 @@ class _Validator:
         if study.get("direction", direction) != direction:
             metric = DATASETS.facts(data).task.metric_label
             raise self.fail("study.direction", f"the metric is {metric}; direction must be {direction!r}")
-        self.check_builder("study.sampler", named(study.get("sampler", "tpe")), SAMPLERS)
-        self.check_builder("study.pruner", named(study.get("pruner", "median")), PRUNERS)
+        task = DATASETS.facts(data).task
+        try:
+            goals = Objectives.named(task, study.get("objectives") or [task.metric])
+        except ValueError as exc:
+            raise self.fail("study.objectives", str(exc)) from None
+        sampler = named(study.get("sampler", DEFAULT_SAMPLER))
+        self.check_builder("study.sampler", sampler, SAMPLERS)
+        self.check_builder("study.pruner", named(study.get("pruner", goals.default_pruner)), PRUNERS)
+        if goals.multi:
+            if not SAMPLERS.facts(sampler["name"]).multi_objective:
+                valid = ", ".join(n for n in SAMPLERS if SAMPLERS.facts(n).multi_objective)
+                raise self.fail(
+                    "study.sampler",
+                    f"{sampler['name']} optimises one objective; with several use one of: {valid}",
+                )
+            pruner = named(study.get("pruner", "none"))["name"]
+            if pruner != "none":
+                raise self.fail(
+                    "study.pruner",
+                    f"Optuna's pruners judge one value, and this study has {len(goals.names)} objectives "
+                    f"({', '.join(goals.names)}): remove the pruner (every trial then trains all its epochs)",
+                )
 
     def check_builder(self, where: str, table: dict[str, Any], registry: Registry[Any, Any]) -> None:
         name = table.get("name")

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from optuna import pruners, samplers
+from optuna import Study, pruners, samplers
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch import record
 from hpsearch.registry import Registry
+
+# What a study file that names none searches with.
+DEFAULT_SAMPLER = "tpe"
+DEFAULT_PRUNER = "median"
 
 
 @dataclass(frozen=True)
 class SamplerFacts:
     # Arguments hpsearch sets unless the study file does.
     defaults: dict[str, Any] = field(default_factory=dict)
+    # False for a sampler that optimises one objective only (raises on a multi-objective study).
+    multi_objective: bool = True
     # True for the grid: the study enumerates its configurations up front and the sampler only
     # fills in what a queued configuration does not fix (nothing, for a complete grid).
     enumerates: bool = False
@@ -46,7 +55,8 @@ SAMPLERS.register(
 SAMPLERS.register(samplers.RandomSampler, name="random")
 SAMPLERS.register(grid, enumerates=True)
 SAMPLERS.register(samplers.QMCSampler, name="qmc")
-SAMPLERS.register(samplers.CmaEsSampler, name="cmaes")
+SAMPLERS.register(samplers.CmaEsSampler, name="cmaes", multi_objective=False)
+SAMPLERS.register(samplers.NSGAIISampler, name="nsga2")
 SAMPLERS.register(samplers.GPSampler, name="gp")
 
 PRUNERS: Registry[Callable[..., pruners.BasePruner], PrunerFacts] = Registry(
@@ -91,3 +101,64 @@ class _QueuedOnly(samplers.BaseSampler):
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
         raise GridExhausted(f"every configuration of the grid is taken ({param_name} has none left)")
+
+
+class AvoidOom(samplers.BaseSampler):
+    """``base``, except that it samples no value of the batch size ``param`` at or above the smallest
+    batch size a failed trial of the study ran out of device memory with (``record.OOM_BATCH_SIZE``).
+
+    Such a value becomes the largest one ``param`` can take below that ceiling; where it can take
+    none, the value stays, and that trial fails again (and counts towards ``[study]
+    max_fail_fraction``). Optuna's ``constraints_func`` is never asked about a failed trial and its
+    samplers learn from complete and pruned trials only, so they could not be told this otherwise.
+    """
+
+    def __init__(self, base: samplers.BaseSampler, param: str) -> None:
+        self.base, self.param = base, param
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        params = self.base.sample_relative(study, trial, search_space)
+        # Lowered here rather than left out to be drawn alone: a multivariate TPE or CMA-ES logs a
+        # warning for every parameter it has to draw on its own.
+        if self.param in params:
+            params[self.param] = self._below_ceiling(study, search_space[self.param], params[self.param])
+        return params
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        value = self.base.sample_independent(study, trial, param_name, param_distribution)
+        if param_name == self.param:
+            value = self._below_ceiling(study, param_distribution, value)
+        return value
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def _below_ceiling(self, study: Study, distribution: BaseDistribution, value: Any) -> Any:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        sizes = [t.user_attrs.get(record.OOM_BATCH_SIZE) for t in failed]
+        ceiling = min((s for s in sizes if isinstance(s, int)), default=None)
+        if ceiling is None or value < ceiling:
+            return value
+        if isinstance(distribution, CategoricalDistribution):
+            under = [c for c in distribution.choices if isinstance(c, int) and c < ceiling]
+            return max(under, default=value)
+        if isinstance(distribution, IntDistribution):
+            low, step = distribution.low, distribution.step
+            top = low + (ceiling - 1 - low) // step * step  # the largest value on the range's steps
+            return top if top >= low else value
+        return value

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import optuna
 
 from hpsearch.datasets import DATASETS, DataConfig
+from hpsearch.objectives import Objectives
 from hpsearch.schema import (
     SECTION_TABLE,
     Fit,
@@ -32,7 +33,7 @@ from hpsearch.schema import (
     validate,
     walk,
 )
-from hpsearch.search import SAMPLERS, build_pruner, build_sampler
+from hpsearch.search import DEFAULT_SAMPLER, SAMPLERS, AvoidOom, build_pruner, build_sampler
 from hpsearch.task import Task
 
 __all__ = [
@@ -51,7 +52,16 @@ _BUNDLED_STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
 # Keys of [study] that say how long and how robustly to search, and where to start, not what a
 # stored trial means: free to change between runs.
-_RUN_ONLY = {"n_trials", "timeout", "description", "heartbeat", "retries", "checkpoints", "enqueue"}
+_RUN_ONLY = {
+    "n_trials",
+    "timeout",
+    "description",
+    "heartbeat",
+    "retries",
+    "checkpoints",
+    "enqueue",
+    "max_fail_fraction",
+}
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,10 @@ def resolve(raw: dict[str, Any]) -> dict[str, Any]:
     study.setdefault("seed", 0)
     study.setdefault("direction", facts.task.direction)
     study.setdefault("objective", StudyConfig.objective)
-    study["sampler"] = named(study.get("sampler", "tpe"))
-    study["pruner"] = named(study.get("pruner", "median"))
+    goals = Objectives.named(facts.task, study.get("objectives") or [facts.task.metric])
+    study["objectives"] = goals.names
+    study["sampler"] = named(study.get("sampler", DEFAULT_SAMPLER))
+    study["pruner"] = named(study.get("pruner", goals.default_pruner))
     return out
 
 
@@ -154,6 +166,11 @@ class StudySpec:
     @property
     def direction(self) -> Literal["maximize", "minimize"]:
         return self.task.direction
+
+    @cached_property
+    def objectives(self) -> Objectives:
+        """What a finished trial reports: the task's metric, then the file's costs."""
+        return Objectives.named(self.task, self.study.objectives or [self.task.metric], self.study.objective)
 
     @property
     def seed(self) -> int:
@@ -202,11 +219,15 @@ class StudySpec:
         return [self.fit(flat_names(entry), "entry").params for entry in self.study.enqueue]
 
     def sampler(self) -> optuna.samplers.BaseSampler:
+        """The file's sampler; where it samples the batch size, kept below the batch sizes that ran
+        out of memory (``AvoidOom``). The grid's configurations are all queued, so it is not."""
         table = named(self.study.sampler)
         kwargs = {k: v for k, v in table.items() if k != "name"}
         if "seed" in SAMPLERS.params(table["name"]):
             kwargs.setdefault("seed", self.seed)
-        return build_sampler(table["name"], **kwargs)
+        sampler = build_sampler(table["name"], **kwargs)
+        sizes = [p.name for p in self.space["data"].every_param() if p.key == "batch_size" and p.searched]
+        return AvoidOom(sampler, sizes[0]) if sizes and not self.enumerates else sampler
 
     def pruner(self) -> optuna.pruners.BasePruner:
         table = named(self.study.pruner)

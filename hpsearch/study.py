@@ -21,9 +21,10 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import record, signals
+from hpsearch import objectives, record, signals
 from hpsearch.checkpoint import Checkpoints, chain_of, continue_trial
 from hpsearch.datasets import load_dataset
+from hpsearch.errors import HpsearchError
 from hpsearch.record import TrialRecord, study_task
 from hpsearch.spec import SpecError, StudySpec, resolve, space_of
 from hpsearch.storage import Heartbeat, StorageError, open_storage, shown_url, study_lock, url_of
@@ -62,8 +63,9 @@ def open_study(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
                     f"({'; '.join(changes)}); restore {spec.path}, or copy it to a new file "
                     f"name to start a new study"
                 )
-        if study.direction.name.lower() != spec.direction:
-            raise SpecError(f"study {spec.name!r} was created to {study.direction.name.lower()}")
+        stored_directions = [d.name.lower() for d in study.directions]
+        if stored_directions != spec.objectives.directions:
+            raise SpecError(f"study {spec.name!r} was created to {', '.join(stored_directions)}")
         # A seeded sampler replays one sequence in every process: a rerun, or each worker joining
         # the study, would sample configurations already tried. Only the creator keeps the seed.
         study.sampler.reseed_rng()
@@ -100,15 +102,15 @@ def _create(spec: StudySpec, storage: BaseStorage, trials: list[FrozenTrial] | N
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
-        direction=spec.direction,
+        directions=spec.objectives.directions,
         sampler=spec.sampler(),
         pruner=spec.pruner(),
     )
     try:
-        # Names the objective in the dashboard ("validation accuracy" rather than "Objective 0").
+        # Names the objectives in the dashboard ("validation accuracy" rather than "Objective 0").
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.task.metric_label])
+            study.set_metric_names(spec.objectives.labels)
         for key, value in {
             record.SPEC: spec.raw,
             record.SPEC_SOURCE: spec.source,
@@ -179,9 +181,7 @@ def warm_start(study: optuna.Study, spec: StudySpec, source: optuna.Study, top: 
     if spec.enumerates:
         raise SpecError(f"study {spec.name!r} is a grid search: it runs every configuration of its grid")
     task = study_task(source)
-    done = source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    maximize = source.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = sorted(done, key=lambda t: float(t.value or 0.0), reverse=maximize)
+    best = objectives.ranked(source)
     result = WarmStart(source.study_name)
     fitting: list[tuple[int, dict[str, Any]]] = []
     for trial in best[:top]:
@@ -249,6 +249,10 @@ def _show(value: Any) -> str:
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
+# Trials a run ends before ``[study] max_fail_fraction`` is judged: over fewer, one or two failures
+# (a configuration the network cannot take) are already a large share, and would stop a sound study.
+FAIL_LIMIT_AFTER = 5
+
 
 def finished(study: optuna.Study) -> int:
     """Trials that count towards the study's ``n_trials``: complete and pruned ones."""
@@ -270,6 +274,10 @@ class RunSummary:
     def all_failed(self) -> bool:
         return self.ran > 0 and self.states["fail"] == self.ran
 
+    def failed_too_often(self, limit: float) -> bool:
+        """Whether ``FAIL_LIMIT_AFTER`` trials or more ended and more than ``limit`` of them failed."""
+        return self.ran >= FAIL_LIMIT_AFTER and self.states["fail"] / self.ran > limit
+
     def add(self, trial: FrozenTrial, spec: StudySpec) -> None:
         self.states[trial.state.name.lower()] += 1
         if trial.state == TrialState.FAIL:
@@ -286,6 +294,10 @@ class RunSummary:
 
 class StorageFailed(StorageError):
     """The storage stopped accepting writes during a run (a full disk, a lost database)."""
+
+
+class TooManyFailures(HpsearchError):
+    """More of a run's trials failed than ``[study] max_fail_fraction`` allows."""
 
 
 def run_study(
@@ -311,10 +323,13 @@ def run_study(
     that is gone) or was stopped, which resume from their checkpoint (``checkpoints``; by default
     ``Checkpoints.of`` the study and its storage).
 
-    A trial that raises anything ends FAIL with its reason and the run goes on. KeyboardInterrupt
-    (Ctrl-C, SIGTERM in the CLI) fails the running trial, queues its continuation, and is raised
-    again. A storage that stops accepting writes raises ``StorageFailed``. ``progress(trial_number)``
-    may return a per-epoch progress function; ``on_trial`` is called after each trial.
+    A trial that raises anything ends FAIL with its reason and the run goes on, until
+    ``FAIL_LIMIT_AFTER`` or more trials of this call have ended and more than ``[study]
+    max_fail_fraction`` of them failed: then it starts no more and raises ``TooManyFailures``, every
+    trial it ran ended and stored. KeyboardInterrupt (Ctrl-C, SIGTERM in the CLI) fails the running
+    trial, queues its continuation, and is raised again. A storage that stops accepting writes raises
+    ``StorageFailed``. ``progress(trial_number)`` may return a per-epoch progress function;
+    ``on_trial`` is called after each trial.
 
     ``pack`` trials are taken at a time and those that can train as one batched model do
     (``train.run_pack``).
@@ -354,6 +369,15 @@ def run_study(
 
                 _run(study, trials, spec, dev, data_dir, progress, checkpoints, ended)
                 signals.check()
+                most = spec.study.max_fail_fraction
+                if summary.failed_too_often(most):
+                    [(reason, k)] = summary.failures.most_common(1)
+                    raise TooManyFailures(
+                        f"{summary.states['fail']} of the {summary.ran} trials this run ended failed "
+                        f"(most often: {reason} ({k})), more than study.max_fail_fraction = {most:g}; "
+                        f"fix the cause, or raise max_fail_fraction in {spec.path}; "
+                        "the finished trials are kept"
+                    )
     except Exception as exc:
         # A trial's own errors are caught in ``_run``: what gets here comes from the storage. Optuna
         # may replace the storage's error with one of its own, so the cause is looked for along the chain.
@@ -473,7 +497,9 @@ def _run(
         run_pack(trials, spec, dev, data_dir, progress, checkpoints, tell)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, **kw: Any) -> None:
+def _tell(
+    study: optuna.Study, trial: optuna.Trial, value: float | tuple[float, ...] | None = None, **kw: Any
+) -> None:
     # Taken for lost (its heartbeat went stale) and already continued by another worker: let it be.
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         study.tell(trial, value, **kw)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -73,7 +75,9 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-Outcome = float | BaseException  # a trial's final validation metric, or how it ended otherwise
+# A trial's final validation metric (with costs: its values, ``StudySpec.objectives``), or how it
+# ended otherwise.
+Outcome = float | tuple[float, ...] | BaseException
 OnEnd = Callable[[optuna.Trial, Outcome], None]
 
 
@@ -84,8 +88,9 @@ def run_trial(
     data_dir: str | None = None,
     progress: Progress | None = None,
     checkpoints: Checkpoints | None = None,
-) -> float:
-    """Train one sampled configuration and return its final validation metric.
+) -> float | tuple[float, ...]:
+    """Train one sampled configuration and return its final validation metric (in a multi-objective
+    study, its values: that metric, then its costs).
 
     Reports the validation metric after every epoch (step = epoch, from 1) and raises
     ``optuna.TrialPruned`` when the pruner says so, the loss diverges or ``train.max_minutes`` runs
@@ -199,6 +204,25 @@ def _train_pack(
             end(m, exc)
 
 
+# What a member holds on the device besides what the rest of its pack may still train with (the
+# data, its configuration): what ``build`` and ``setup`` made, then what ``train_epoch`` set. Let go
+# of when it runs out of memory.
+_HELD = (
+    "model",
+    "net",
+    "params",
+    "optimizer",
+    "stepper",
+    "state",
+    "g",
+    "loss_fn",
+    "order",
+    "total",
+    "penalty_total",
+    "worst",
+)
+
+
 class _Member:
     """One trial's training: set up as ``run_trial`` describes, trained alone or in a pack."""
 
@@ -293,7 +317,7 @@ class _Member:
         # The lost trial may have died between its checkpoint and its report.
         with signals.held():
             for done, v in enumerate(self.rec.val, start=1):
-                _report(self.trial, v, done)
+                self.report(v, done)
         self.value = self.rec.val[-1]
 
     def out_of_time(self, epoch: int) -> OutOfTime | None:
@@ -323,18 +347,27 @@ class _Member:
                     epoch, trial.params, self.model, self.optimizer, self.stepper, self.g, self.rec.history()
                 )
                 self.checkpoints.save(self.chain, snap)
-            _report(trial, value, epoch)
-        if trial.should_prune():
+            self.report(value, epoch)
+        if not self.spec.objectives.multi and trial.should_prune():
             self.rec.stop(epoch, f"pruned at epoch {epoch}: validation {task.metric} {value:.4f}")
             raise optuna.TrialPruned(self.rec.stop_reason)
         late = self.out_of_time(epoch)
         if late is not None:
             raise late
 
+    def report(self, value: float, epoch: int) -> None:
+        """``trial.report`` the epoch's value for the pruner. A multi-objective study has no pruner,
+        and Optuna takes no intermediate values there: its record keeps every epoch's."""
+        if not self.spec.objectives.multi:
+            _report(self.trial, value, epoch)
+
     def test(self) -> None:
         data = self.data
         self.rec.test = evaluate(
             self.net, data, self.spec.task, data.test_x, data.test_y, self.test_idx, self.cfg, self.device
+        )
+        self.rec.latency_ms = latency_ms(
+            self.net, data, data.test_x[self.test_idx[:1]], self.cfg, self.device
         )
 
     def close(self, exc: BaseException | None) -> Outcome:
@@ -343,7 +376,8 @@ class _Member:
         rec, epoch = self.rec, self.epoch
         outcome: Outcome
         if exc is None:
-            outcome = rec.final_value(self.spec.study.objective, self.spec.task)
+            values = self.spec.objectives.values(rec)
+            outcome = tuple(values) if len(values) > 1 else values[0]
         elif isinstance(exc, Diverged):
             rec.stop(epoch, f"diverged in epoch {epoch}: {exc}")
             outcome = optuna.TrialPruned(rec.stop_reason)
@@ -358,6 +392,9 @@ class _Member:
             )
             self.keep = True  # the continuation resumes from it
             outcome = exc
+        elif isinstance(exc, torch.OutOfMemoryError):
+            self._out_of_memory(exc)
+            outcome = exc
         else:
             rec.fail_reason = failure(exc)
             outcome = exc
@@ -366,6 +403,23 @@ class _Member:
         if self.checkpoints and not self.keep:
             self.checkpoints.delete(self.chain)
         return outcome
+
+    def _out_of_memory(self, exc: torch.OutOfMemoryError) -> None:
+        """Record that the trial ran out of device memory, and at which training batch size, then let
+        go of what it holds so that the next trial has that memory: its own tensors, and the failing
+        frames' (the traceback keeps those frames, their batches and activations, alive)."""
+        first = failure(exc).split(". ")[0]  # the rest of torch's message (bytes free, tips) varies
+        if self.built:
+            self.rec.oom_batch_size = size = self.cfg.data.batch_size
+            self.rec.fail_reason = f"oom: out of memory at batch size {size} ({first})"
+        else:  # the data or the network did not fit: no batch had run
+            self.rec.fail_reason = f"oom: out of memory while starting ({first})"
+        exc.__traceback__ = None
+        for name in _HELD:
+            vars(self).pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _report(trial: optuna.Trial, value: float, epoch: int) -> None:
@@ -430,37 +484,40 @@ def train_epoch(
         m.worst = torch.zeros((), device=device)
     together = _together(live, device)
     seen = 0
-    for n, s in enumerate(slices, start=1):
-        xs, ys = [], []
-        for m in live:
-            batch = m.order[s]
-            x = data.inputs(data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g, data_cfg.crop_padding)
-            xs.append(x if isinstance(together, _Stacked) else _layout(x))
-            ys.append(data.train_y[batch])
-        losses = together.step(xs, ys, device)
-        size = len(ys[0])
-        seen += size
-        for m, (loss, penalty) in zip(live, losses, strict=True):
-            m.total += loss * size
-            if penalty is not None:
-                m.penalty_total += penalty * size
-            m.worst = torch.maximum(m.worst, loss)
-            m.stepper.after_batch()
-        within = n % CHECK_EVERY == 0  # the epoch's end is checked for time after its evaluation
-        if within or n == len(slices):
+    try:
+        for n, s in enumerate(slices, start=1):
+            xs, ys = [], []
             for m in live:
-                m.stopped = _diverged(float(m.worst), m.max_loss, n) or (
-                    m.out_of_time(m.epoch + 1) if within else None
+                batch = m.order[s]
+                x = data.inputs(
+                    data.train_x[batch], data_cfg.resize, data_cfg.flip, m.g, data_cfg.crop_padding
                 )
-            if on_check and within:
-                on_check(n / len(slices))
-            if any(m.stopped for m in live):
-                together.close()
-                live = [m for m in live if m.stopped is None]
-                if not live:
-                    break
-                together = _together(live, device)
-    else:
+                xs.append(x if isinstance(together, _Stacked) else _layout(x))
+                ys.append(data.train_y[batch])
+            losses = together.step(xs, ys, device)
+            size = len(ys[0])
+            seen += size
+            for m, (loss, penalty) in zip(live, losses, strict=True):
+                m.total += loss * size
+                if penalty is not None:
+                    m.penalty_total += penalty * size
+                m.worst = torch.maximum(m.worst, loss)
+                m.stepper.after_batch()
+            within = n % CHECK_EVERY == 0  # the epoch's end is checked for time after its evaluation
+            if within or n == len(slices):
+                for m in live:
+                    m.stopped = _diverged(float(m.worst), m.max_loss, n) or (
+                        m.out_of_time(m.epoch + 1) if within else None
+                    )
+                if on_check and within:
+                    on_check(n / len(slices))
+                if any(m.stopped for m in live):
+                    together.close()
+                    live = [m for m in live if m.stopped is None]
+                    if not live:
+                        break
+                    together = _together(live, device)
+    finally:  # also when a step raises: a side-by-side pack gives its threads back
         together.close()
     for m in members:
         m.loss, m.penalty = float(m.total) / seen, float(m.penalty_total) / seen
@@ -669,6 +726,31 @@ def evaluate(
             out = model(_layout(data.inputs(xs[batch], cfg.data.resize))).float()
         score += task.score(out, ys[batch])
     return float(score) / len(idx)
+
+
+# Forward passes timed for ``latency_ms``, after as many untimed ones to warm caches and kernels.
+LATENCY_RUNS = 10
+
+
+@torch.inference_mode()
+def latency_ms(
+    model: nn.Module, data: Dataset, x: torch.Tensor, cfg: TrialConfig, device: torch.device
+) -> float:
+    """Milliseconds to classify one example ``x`` (a batch of one, prepared as in evaluation) on
+    ``device``, as a deployed model answers a request: the median of ``LATENCY_RUNS`` timed passes."""
+    model.eval()
+    times = []
+    for run in range(2 * LATENCY_RUNS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            model(_layout(data.inputs(x, cfg.data.resize)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if run >= LATENCY_RUNS:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 # Retraining one configuration outside a study (``hpsearch verify``): the trial's own building and

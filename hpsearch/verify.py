@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial
 from hpsearch.datasets import DataConfig, load_dataset, split, subset
 from hpsearch.errors import HpsearchError
 from hpsearch.export import best_table, param_columns
+from hpsearch.objectives import first_value
 from hpsearch.predict import check_savable, save_model
 from hpsearch.record import SPEC, TrialRecord, study_task
 from hpsearch.schema import TrainConfig
@@ -187,7 +188,7 @@ def plan(study: optuna.Study, top: int, seeds: int) -> Verification:
                 trial=t.number,
                 params=dict(t.params),
                 cfg=_config(t, task, study.study_name),
-                val=t.value if t.value is not None else math.nan,  # complete: it has one
+                val=v if (v := first_value(t)) is not None else math.nan,  # complete: it has one
                 test=TrialRecord.of(t, task).test,
             )
         )

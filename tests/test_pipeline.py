@@ -44,7 +44,7 @@ from hpsearch.models import MODELS
 from hpsearch.schema import TrainConfig
 from hpsearch.spec import Choice, TrialConfig, load_spec
 from hpsearch.task import CLASSIFICATION, Task
-from hpsearch.train import evaluate, run_trial
+from hpsearch.train import LATENCY_RUNS, evaluate, run_trial
 
 SEED = 0
 # 334 examples, 33 of them (10 %, rounded down) for validation: 301 to train on, which batches of
@@ -236,6 +236,7 @@ class Run:
     epochs: list[Epoch]
     val: list[list[torch.Tensor]]
     test: list[torch.Tensor]
+    latency: list[torch.Tensor]  # the batches of one that ``latency_ms`` timed
 
 
 def run_recorded(
@@ -267,7 +268,8 @@ def run_recorded(
     run_trial(trial, spec, CPU, str(DEBIAN_FASHION_MNIST))
     model = BUILT.pop()  # validating the study file builds one too: the trial's is the last
     BUILT.clear()
-    # The model's calls in order: an epoch's batches, its validation pass; again; then the test pass.
+    # The model's calls in order: an epoch's batches, its validation pass; again; then the test pass
+    # and the latency's passes of one test example.
     runs = [(t, [x for _, x in group]) for t, group in itertools.groupby(model.calls, key=lambda c: c[0])]
     assert [t for t, _ in runs] == [True, False, True, False]
     (_, first), (_, val), (_, second), (_, rest) = runs
@@ -275,7 +277,8 @@ def run_recorded(
     return Run(
         [Epoch(first, labels[: len(first)]), Epoch(second, labels[len(first) :])],
         [val, rest[: len(val)]],
-        rest[len(val) :],
+        rest[len(val) : -2 * LATENCY_RUNS],
+        rest[-2 * LATENCY_RUNS :],
     )
 
 
@@ -320,6 +323,8 @@ def test_each_epoch_feeds_every_training_index_once_with_its_label(
     assert [len(x) for x in run.test] == [64, 64, 64, 64, 45]
     ref_test = Catalogue(reference_inputs(fashion, reference.test, test_idx, resize or None), tolerance)
     ref_test.each_once(run.test)
+    # The latency is timed on the first test example, prepared as the test pass prepares it.
+    assert all(torch.equal(x, run.test[0][:1]) for x in run.latency)
 
 
 # 2. Normalisation.

@@ -144,7 +144,7 @@ MALFORMED: dict[str, tuple[str, list[str]]] = {
     ),
     "unknown_sampler": (
         '[study]\nsampler = "bayes"\n' + BASE,
-        ["study.sampler.name", "'bayes'", "cmaes, gp, grid, qmc, random, tpe"],
+        ["study.sampler.name", "'bayes'", "cmaes, gp, grid, nsga2, qmc, random, tpe"],
     ),
     "unknown_pruner": (
         '[study]\npruner = { name = "medain" }\n' + BASE,
