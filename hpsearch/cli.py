@@ -632,8 +632,8 @@ def dashboard(storage: str | None, host: str, port: int) -> None:
 def report(study_name: str, storage: str | None, out_dir: str) -> None:
     """Write figures comparing the optimizers, and report.md, for a stored study.
 
-    Learning curves, final validation metric against learning rate, optimization history and
-    parameter importances, as PNGs; they are also attached to the study as artifacts, so the
+    Learning curves, final validation metric against learning rate, optimization history,
+    parameter importances and, for a multi-objective study, the Pareto front, as PNGs; they are also attached to the study as artifacts, so the
     dashboard shows them. Re-running replaces them. Example:
 
     \b
@@ -694,11 +694,13 @@ def export(
 
     One study: its completed trials, best first, with optimizer, lr, momentum, weight decay,
     batch size, scheduler, epochs, validation and test metric, final training loss, run time and
-    throughput, then every sampled parameter. Several studies: one row per study with its best
-    trial. Examples:
+    throughput, then every sampled parameter. A multi-objective study (``[study] objectives``):
+    its Pareto front, best metric first, a column per objective. Several studies: one row per
+    study with its best trial. Examples:
 
     \b
         hpsearch export --study quickstart --top 5 -o best.csv
+        hpsearch export --study fashion-front --format md
         hpsearch export --study quickstart --best-per optimizer.name --format md
         hpsearch export --study quickstart --trials -o trials.json
         hpsearch export --all-studies -o studies.md
