@@ -668,6 +668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--json", type=Path, help="write every figure, per seed and per trial, with the versions, here")
     add("--plot", type=Path, default=Path("search-efficiency.png"), help="the PNG (default %(default)s)")
     add("--db", type=Path, help="keep the studies in this SQLite file (default: a temporary one)")
+    add(
+        "--pruners",
+        default=",".join(PRUNER_ARMS),
+        help="pruner arms, comma-separated, with `none` (it sets every target; default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -698,6 +703,12 @@ def main(argv: list[str] | None = None) -> int:
         if pruner != TOP_K and pruner not in PRUNERS:
             print(f"search.py: hpsearch has no pruner {pruner!r}", file=sys.stderr)
             return 2
+    pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
+    unknown = [p for p in pruners if p not in PRUNER_ARMS]
+    if unknown or UNPRUNED not in pruners:
+        why = f"unknown pruner arm {unknown[0]!r}" if unknown else f"--pruners must include {UNPRUNED!r}"
+        print(f"search.py: {why}; arms: {', '.join(PRUNER_ARMS)}", file=sys.stderr)
+        return 2
     if args.threads is not None and args.threads < 1:
         print("search.py: --threads must be 1 or more", file=sys.stderr)
         return 2
@@ -706,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     info = machine(device)
-    arms = [(s, p) for s in SAMPLERS for p in PRUNER_ARMS]
+    arms = [(s, p) for s in SAMPLERS for p in PRUNER_ARMS if p in pruners]
     progress(f"{len(arms)} arms × {sizes.seeds} seeds: {_describe(sizes)}; {info['device_name']}")
     space = study_text(sizes, SAMPLERS[0], UNPRUNED, 0)
     # Read once before the first study, whose time would otherwise include reading the images.

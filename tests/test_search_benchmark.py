@@ -93,3 +93,19 @@ def test_quick_run(tmp_path: Path) -> None:
         assert run["unpruned_epochs"] == base["epochs"]
         if run["pruner"] != "none":
             assert run["epochs"] < base["epochs"], run["study"]
+
+
+@pytest.mark.parametrize(
+    ("pruners", "says"),
+    [
+        ("median,top_k", "--pruners must include 'none'"),
+        ("none,bohb", "unknown pruner arm 'bohb'"),
+    ],
+)
+def test_pruner_arms_are_checked_before_anything_runs(tmp_path: Path, pruners: str, says: str) -> None:
+    cmd = [sys.executable, str(BENCHMARKS / "search.py"), "--quick", "--pruners", pruners]
+    cmd += ["--db", str(tmp_path / "search.db")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"search.py: {says}; arms: {', '.join(PRUNERS)}"
+    assert not (tmp_path / "search.db").exists()
