@@ -160,7 +160,7 @@ def main() -> None:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Stop starting new trials after this many seconds.",
 )

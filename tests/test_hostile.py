@@ -232,6 +232,10 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
         ["run", "--study", "{good}", "--storage", "{storage}", "--timeout", "-1"],
         "--timeout",
     ),
+    "zero_timeout": (
+        ["run", "--study", "{good}", "--storage", "{storage}", "--timeout", "0"],
+        "--timeout",
+    ),
     "zero_workers": (["run", "--study", "{good}", "--storage", "{storage}", "--workers", "0"], "--workers"),
     "unknown_device": (
         ["run", "--study", "{good}", "--storage", "{storage}", "--device", "gpu"],
