@@ -633,8 +633,9 @@ def report(study_name: str, storage: str | None, out_dir: str) -> None:
     """Write figures comparing the optimizers, and report.md, for a stored study.
 
     Learning curves, final validation metric against learning rate, optimization history,
-    parameter importances and, for a multi-objective study, the Pareto front, as PNGs; they are also attached to the study as artifacts, so the
-    dashboard shows them. Re-running replaces them. Example:
+    parameter importances and, for a multi-objective study, the Pareto front, as PNGs; they are
+    also attached to the study as artifacts, so the dashboard shows them. Re-running replaces
+    them. Example:
 
     \b
         hpsearch report --study quickstart -o reports/quickstart

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 
-from hpsearch import record
+from hpsearch import objectives, record
 from hpsearch.errors import HpsearchError
 from hpsearch.record import TrialRecord, study_task
 from hpsearch.schema import StudyConfig, same_value
@@ -101,6 +101,12 @@ def fork_study(
             f'{spec.path}: study.objective = "{spec.study.objective}", but {source.study_name!r} was run '
             f"with objective = \"{ran_for}\": its trials' values are their {ran_for} epoch's; "
             f'set objective = "{ran_for}"'
+        )
+    ran_with = objectives.of_stored(source).names
+    if ran_with != spec.objectives.names:
+        raise ForkError(
+            f"{spec.path}: study.objectives = {spec.objectives.names}, but {source.study_name!r} was run "
+            f"with objectives = {ran_with}: its trials' values are those; set objectives = {ran_with}"
         )
     result = Fork(source.study_name, spec.name)
     task = study_task(source)

@@ -225,6 +225,15 @@ def test_a_fork_that_changes_what_the_trials_ran_with_copies_none_and_makes_noth
         ),
         (
             "source",
+            SOURCE_STUDY.replace("seed = 0", 'seed = 0\nobjectives = ["accuracy", "params"]').replace(
+                'pruner = { name = "threshold", lower = 0.3 }', 'pruner = "none"'
+            ),
+            (),
+            "{path}: study.objectives = ['accuracy', 'params'], but 'source' was run with objectives = "
+            "['accuracy']: its trials' values are those; set objectives = ['accuracy']",
+        ),
+        (
+            "source",
             SOURCE_STUDY,
             (),
             "study 'source' exists already in {storage}; the new study is named after its file: copy "
@@ -232,7 +241,15 @@ def test_a_fork_that_changes_what_the_trials_ran_with_copies_none_and_makes_noth
             "`optuna delete-study --study-name source --storage URL`",
         ),
     ],
-    ids=["unknown-source", "bad-file", "unknown-drop", "other-seed", "other-objective", "target-exists"],
+    ids=[
+        "unknown-source",
+        "bad-file",
+        "unknown-drop",
+        "other-seed",
+        "other-objective",
+        "other-objectives",
+        "target-exists",
+    ],
 )
 def test_a_fork_that_cannot_be_made_is_refused_with_one_line(
     source: StoredStudy, source_name: str, text: str, drop: tuple[int, ...], message: str, tmp_path: Path
