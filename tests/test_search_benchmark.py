@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch.record import TrialRecord, study_task
+from hpsearch.search import DEFAULT_PRUNER, DEFAULT_SAMPLER
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SAMPLERS = ("random", "tpe")
@@ -37,7 +38,7 @@ def test_quick_run(tmp_path: Path) -> None:
         assert record["versions"][dist]
     assert record["machine"]["cores"] >= 1 and record["machine"]["device_name"]
     assert record["machine"]["torch_threads"] == 1
-    assert record["defaults"] == {"sampler": "tpe", "pruner": "median"}
+    assert record["defaults"] == {"sampler": DEFAULT_SAMPLER, "pruner": DEFAULT_PRUNER}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The table: one row per arm, in the order the arms are named.
@@ -45,7 +46,7 @@ def test_quick_run(tmp_path: Path) -> None:
     assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows[1:]] == [
         (s, p) for s in SAMPLERS for p in PRUNERS
     ]
-    assert "- default tpe × median (hpsearch's [study] defaults):" in done.stdout
+    assert f"- default {DEFAULT_SAMPLER} × {DEFAULT_PRUNER} (hpsearch's [study] defaults):" in done.stdout
     assert "- fewest epochs to target of all arms:" in done.stdout
 
     sizes = record["sizes"]
