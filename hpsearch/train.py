@@ -240,6 +240,7 @@ class _Member:
         )
         self.state: dict[str, Any] | None = None
         self.built = False  # ``setup`` has run
+        self.evaluating = False  # in a validation or test pass, whose batches are the evaluation's
         # The epoch in training (``train_epoch``): the member's order, its summed loss and penalty and
         # its worst batch loss, on the device; then the means. And the loss it minimises.
         self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
@@ -334,9 +335,11 @@ class _Member:
         cfg, trial, task = self.cfg, self.trial, self.spec.task
         speed = len(self.train_idx) / seconds  # training examples per second of training
         t0 = time.perf_counter()
+        self.evaluating = True
         self.value = value = evaluate(
             self.net, self.data, task, self.data.train_x, self.data.train_y, self.val_idx, cfg, self.device
         )
+        self.evaluating = False
         seconds += time.perf_counter() - t0
         self.rec.add_epoch(self.loss, self.penalty, value, seconds, speed)
         self.stepper.after_epoch(value)
@@ -363,12 +366,14 @@ class _Member:
 
     def test(self) -> None:
         data = self.data
+        self.evaluating = True
         self.rec.test = evaluate(
             self.net, data, self.spec.task, data.test_x, data.test_y, self.test_idx, self.cfg, self.device
         )
         self.rec.latency_ms = latency_ms(
             self.net, data, data.test_x[self.test_idx[:1]], self.cfg, self.device
         )
+        self.evaluating = False
 
     def close(self, exc: BaseException | None) -> Outcome:
         """Write the trial's record as it ends and say how it ended: its value, or the exception
@@ -409,7 +414,12 @@ class _Member:
         go of what it holds so that the next trial has that memory: its own tensors, and the failing
         frames' (the traceback keeps those frames, their batches and activations, alive)."""
         first = failure(exc).split(". ")[0]  # the rest of torch's message (bytes free, tips) varies
-        if self.built:
+        if self.evaluating:  # a smaller training batch would not help: no ceiling for the sampler
+            size = self.cfg.train.eval_batch_size or EVAL_BATCH[self.device.type]
+            self.rec.fail_reason = (
+                f"oom: out of memory evaluating at batch size {size} ({first}); lower [train] eval_batch_size"
+            )
+        elif self.built:
             self.rec.oom_batch_size = size = self.cfg.data.batch_size
             self.rec.fail_reason = f"oom: out of memory at batch size {size} ({first})"
         else:  # the data or the network did not fit: no batch had run

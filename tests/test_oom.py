@@ -256,3 +256,25 @@ def test_running_out_of_memory_in_a_pack_ends_every_member(tmp_path: Path, two_t
         assert_oom(trial)
         assert trial.user_attrs["pack"] == [0, 1]
     assert torch.get_num_threads() == 2  # the side-by-side steps gave their threads back
+
+
+def test_running_out_in_evaluation_names_the_evaluation_batch_and_sets_no_ceiling(tmp_path: Path) -> None:
+    # 1,000 examples, 100 for validation: the training batches (16, 40) fit, and the one validation
+    # batch of 100 (at [train] eval_batch_size = 100) runs out at 64 rows.
+    text = STUDY.format(n_trials=3, sampler='"random"', study="", batch_size="{ choices = [16, 40] }")
+    text = text.replace("train_limit = 150", "train_limit = 1000").replace(
+        "epochs = 1", "epochs = 1\neval_batch_size = 100"
+    )
+    path = write_study(tmp_path, "eval-oom", text)
+    storage = f"sqlite:///{tmp_path / 'eval.db'}"
+    result = run(path, storage, "--n-trials", "3")
+    assert result.exit_code == 1, result.output  # every trial of the run failed
+    done = trials("eval-oom", storage)
+    assert len(done) == 3 and all(t.state == TrialState.FAIL for t in done)
+    for t in done:
+        record = TrialRecord.of(t, CLASSIFICATION)
+        assert record.fail_reason == (
+            "oom: out of memory evaluating at batch size 100 (OutOfMemoryError: CUDA out of memory); "
+            "lower [train] eval_batch_size"
+        )
+        assert record.oom_batch_size is None and OOM_BATCH_SIZE not in t.user_attrs
