@@ -615,8 +615,13 @@ def _pruner_plan(
             name, "threshold", args, epochs, checks=checks, earliest=checks[0] if checks else None
         )
     if builder is pruners.PatientPruner:
-        nested = PRUNERS.facts(name).nested
-        inner = _pruner_plan(spec, named(table.get(nested or "", "none")), epochs, n_trials, workers)
+        nested = table.get(PRUNERS.facts(name).nested or "")
+        if nested is None:  # early stopping: its patience alone decides
+            alone = args["patience"] + 2
+            if alone > epochs:
+                return PrunerPlan(name, "patient", args, epochs, expected=full)
+            return PrunerPlan(name, "patient", args, epochs, earliest=alone)
+        inner = _pruner_plan(spec, named(nested), epochs, n_trials, workers)
         # It needs patience + 2 reported epochs to compare, and prunes only where its inner pruner agrees.
         earliest = max(args["patience"] + 2, inner.earliest or 0)
         inner_never = inner.kind != "other" and inner.earliest is None
@@ -831,12 +836,20 @@ def _render_pruner(p: PrunerPlan, n_trials: int | None) -> list[str]:
             if p.args.get(k) is not None
         )
         lines.append(f"  at {_epochs(p.checks)}: stops a trial whose validation value is {bounds} (or NaN)")
-    elif p.kind == "patient":
+    elif p.kind == "patient" and p.wrapped is None:
+        lines.append(
+            f"  stops a trial whose best of its last {p.args['patience'] + 1} epochs is worse than its best "
+            f"before them by more than {_value(p.args['min_delta'])} (early stopping; no wrapped pruner)"
+        )
+        if p.earliest is None:
+            lines.append("  so it never stops a trial early")
+        else:
+            lines.append(f"  so the first epoch it can stop a trial at is {p.earliest}")
+    elif p.kind == "patient" and p.wrapped is not None:
         lines.append(
             f"  waits for {p.args['patience']} epochs without an improvement of more than "
             f"{_value(p.args['min_delta'])}, then asks its wrapped pruner, which decides:"
         )
-        assert p.wrapped is not None
         lines += ["  " + line for line in _render_pruner(p.wrapped, n_trials)]
         if p.earliest is None:
             lines.append("  so it never stops a trial early")

@@ -79,11 +79,12 @@ def build_sampler(name: str, **kwargs: Any) -> samplers.BaseSampler:
 
 
 def build_pruner(name: str, **kwargs: Any) -> pruners.BasePruner:
-    """Pruner ``name``; ``patient`` wraps the pruner given as its ``wrapped`` table."""
+    """Pruner ``name``; ``patient`` wraps the pruner given as its ``wrapped`` table, and without one
+    stops a trial on its patience alone (Optuna's early stopping)."""
     nested = PRUNERS.facts(name).nested
     if nested:
-        inner = dict(kwargs.pop(nested, {"name": "none"}))
-        kwargs["wrapped_pruner"] = build_pruner(inner.pop("name"), **inner)
+        inner = dict(kwargs.pop(nested, {}))
+        kwargs["wrapped_pruner"] = build_pruner(inner.pop("name"), **inner) if inner else None
     return PRUNERS[name](**kwargs)
 
 

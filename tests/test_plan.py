@@ -309,6 +309,25 @@ def test_the_epochs_a_pruner_judges_at_are_optunas(
     assert shown == judged and judged
 
 
+def test_patient_without_a_wrapped_pruner_stops_on_its_patience_where_the_plan_says(tmp_path: Path) -> None:
+    epochs = 7
+    text = SEARCH.format(n_trials=4, pruner='{ name = "patient", patience = 2 }', epochs=epochs)
+    path = write_study(tmp_path, "patient", text)
+    out = planned("--study", str(path), *QUICK)
+    m = re.search(r"^  so the first epoch it can stop a trial at is (\d+)$", out, re.M)
+    assert m is not None and "early stopping" in out, out
+    # The study's own pruner on a trial that gets worse every epoch: it stops it there.
+    study = optuna.create_study(direction="maximize", pruner=load_spec(path).pruner())
+    trial = study.ask()
+    stopped = None
+    for epoch in range(1, epochs + 1):
+        trial.report(0.5 - 0.01 * epoch, epoch)
+        if trial.should_prune():
+            stopped = epoch
+            break
+    assert stopped == int(m.group(1)) == 4
+
+
 def test_the_grid_size_is_every_configuration_once(tmp_path: Path) -> None:
     text = textwrap.dedent("""
         [study]
