@@ -184,10 +184,8 @@ def _params(trial: optuna.trial.FrozenTrial, columns: list[str]) -> dict[str, An
 def best_table(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
     """Completed trials best first: seed 004's columns, then every sampled parameter. For a
     multi-objective study, its Pareto front (``objectives.front``), a column per objective."""
-    goals, cols = of_stored(study), param_columns(study)
-    trials = front(study) if goals.multi else _ranked(study)
-    if not trials:
-        _ranked(study)  # says why there is none
+    goals, cols, done = of_stored(study), param_columns(study), _ranked(study)
+    trials = front(study) if goals.multi else done
     df = _frame([{**_row(t, goals), **_params(t, cols)} for t in trials], _columns(_keys(study)))
     return df.head(top) if top else df
 

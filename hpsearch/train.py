@@ -229,20 +229,23 @@ class _Member:
     def __init__(
         self, trial: optuna.Trial, spec: StudySpec, device: torch.device, checkpoints: Checkpoints | None
     ) -> None:
-        self.start = time.perf_counter()
-        self.trial, self.spec, self.device, self.checkpoints = trial, spec, device, checkpoints
+        self._begin(device)
+        self.trial, self.spec, self.checkpoints = trial, spec, checkpoints
         self.rec = TrialRecord(device=str(device), worker=worker_id(), threads=torch.get_num_threads())
         self.rec.claim(trial)
-        self.chain, self.earlier_s, self.epoch, self.keep = chain_of(trial), 0.0, 0, False
+        self.chain, self.earlier_s, self.keep = chain_of(trial), 0.0, False
         self.value = math.nan
-        self.stopped: BaseException | None = (
-            None  # set by ``train_epoch`` when the loss diverges or time runs out
-        )
         self.state: dict[str, Any] | None = None
         self.built = False  # ``setup`` has run
         self.evaluating = False  # in a validation or test pass, whose batches are the evaluation's
-        # The epoch in training (``train_epoch``): the member's order, its summed loss and penalty and
-        # its worst batch loss, on the device; then the means. And the loss it minimises.
+
+    def _begin(self, device: torch.device) -> None:
+        """What every member starts with, a trial's or a retraining's: its device, its clock, and the
+        epoch in training (``train_epoch``): the member's order, its summed loss and penalty and its
+        worst batch loss, on the device; then the means. And the loss it minimises."""
+        self.start = time.perf_counter()
+        self.device, self.epoch = device, 0
+        self.stopped: BaseException | None = None  # set when the loss diverges or time runs out
         self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
         self.loss = self.penalty = math.nan
         self.loss_fn: nn.Module
@@ -836,10 +839,6 @@ class _Retraining(_Member):
         seed: int,
         device: torch.device,
     ) -> None:
-        self.start = time.perf_counter()
-        self.device = device
-        self.epoch, self.stopped = 0, None
-        self.order = self.total = self.penalty_total = self.worst = torch.zeros(())
-        self.loss = self.penalty = math.nan
+        self._begin(device)
         # "min": with no validation metric, a schedule that steps on one steps on the training loss.
         self.build(cfg, task, data, train_idx, seed, "min")
