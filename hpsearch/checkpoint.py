@@ -25,7 +25,7 @@ from torch import nn
 
 from hpsearch import record
 from hpsearch.optim import Stepper
-from hpsearch.storage import artifact_dir, atomic_write
+from hpsearch.storage import artifact_dir, atomic_write, write_leftovers
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,10 @@ class Checkpoints:
         return state
 
     def delete(self, chain: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(chain))
+        """Remove chain ``chain``'s checkpoint, and what a worker killed while writing it left."""
+        for path in (self.path(chain), *write_leftovers(self.path(chain))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def chain_of(trial: optuna.Trial | FrozenTrial) -> int:

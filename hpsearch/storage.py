@@ -225,6 +225,15 @@ def load_stored_study(name_or_path: str, url: str | None = None) -> optuna.Study
     return optuna.load_study(study_name=name, storage=storage)
 
 
+_TMP_PREFIX = "."
+
+
+def write_leftovers(path: Path) -> list[Path]:
+    """The temporary files of ``atomic_write``s of ``path`` that never finished: a process killed
+    (SIGKILL, power loss) half way through writing leaves one, which nothing else removes."""
+    return sorted(path.parent.glob(f"{_TMP_PREFIX}{path.name}.*.tmp"))
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Replace the file ``path`` with ``data`` (a ``str`` is written as UTF-8) in one step.
 
@@ -240,7 +249,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     if not path.parent.is_dir():
         raise StorageError(f"cannot write {path}: folder {path.parent} does not exist")
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp")
     created = False
     try:
         # Not mkstemp: its 0600 mode would make an export unreadable to the user's group.

@@ -20,6 +20,8 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from conftest import write_study
+from hpsearch.checkpoint import Checkpoints
+from hpsearch.storage import write_leftovers
 
 pytestmark = pytest.mark.slow  # real processes, each importing torch
 
@@ -253,3 +255,15 @@ def test_the_workers_of_one_run_stop_with_it(tmp_path: Path, sig: signal.Signals
     queued = [t for t in trials(storage) if t.state == TrialState.WAITING]
     assert sorted(t.user_attrs["continues"] for t in queued) == sorted(t.number for t in stopped)
     assert checkpoint_files(tmp_path) == sorted(f"trial-{t.number}.pt" for t in stopped)
+
+
+def test_deleting_a_checkpoint_removes_what_a_killed_write_of_it_left(tmp_path: Path) -> None:
+    # A worker killed inside ``atomic_write`` leaves its hidden temporary file beside the checkpoint.
+    store = Checkpoints(tmp_path / "checkpoints")
+    store.save(3, {"epoch": 1})
+    store.save(31, {"epoch": 2})
+    left = store.folder / ".trial-3.pt.0a1b2c3d.tmp"
+    left.write_bytes(b"half a checkpoint")
+    assert write_leftovers(store.path(3)) == [left]
+    store.delete(3)
+    assert sorted(p.name for p in store.folder.iterdir()) == ["trial-31.pt"]
