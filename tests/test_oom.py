@@ -82,7 +82,7 @@ rows = 64
 
 [optimizer]
 name = "sgd"
-lr = {{ low = 0.01, high = 0.3, log = true }}
+lr = {{ low = 0.005, high = 0.03, log = true }}  # low enough that no trial diverges (pruned)
 
 [train]
 epochs = 1
